@@ -1,0 +1,89 @@
+"""The step loop's body: schedule, run the model, update requests, report what changed.
+
+Everything it returns is plain data, so it can cross a process boundary unchanged.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from enduro.config import EngineConfig
+from enduro.core.scheduler import Scheduler
+from enduro.outputs import TokenLogprobs
+from enduro.request import FinishReason, Request
+from enduro.runner.model_runner import ModelRunner
+from enduro.sampling_params import SamplingParams
+
+
+@dataclass
+class EngineCoreOutput:
+    request_id: str
+    new_token_ids: list[int] = field(default_factory=list)
+    new_logprobs: list[TokenLogprobs] = field(default_factory=list)
+    new_prompt_logprobs: list[TokenLogprobs] = field(default_factory=list)
+    finish_reason: FinishReason | None = None
+    error: str | None = None
+    num_cached_tokens: int = 0
+
+
+class EngineCore:
+    def __init__(
+        self, config: EngineConfig, progress: Callable[[str, int, int], None] | None = None
+    ) -> None:
+        self.config = config
+        self.runner = ModelRunner(config, progress)
+        self.scheduler = Scheduler(
+            scheduler_config=config.scheduler,
+            cache_config=config.cache,
+            num_blocks=self.runner.num_blocks,
+            max_model_len=self.runner.max_model_len,
+            eos_token_ids=self.runner.arch.eos_token_ids,
+        )
+        self._rejected: list[EngineCoreOutput] = []
+
+    def add_request(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+    ) -> None:
+        vocab_size = self.runner.arch.vocab_size
+        request = Request(request_id, list(prompt_token_ids), params)
+        bad = [t for t in prompt_token_ids if not 0 <= t < vocab_size]
+        if bad:
+            request.finish(FinishReason.ERROR, f"token id {bad[0]} is outside the vocabulary")
+        else:
+            self.scheduler.add_request(request)
+        if request.is_finished:  # rejected: report it with the next step's outputs
+            self._rejected.append(
+                EngineCoreOutput(request_id, finish_reason=request.finish_reason, error=request.error)
+            )
+
+    def finish_requests(self, request_ids: list[str], reason: FinishReason) -> None:
+        self.scheduler.finish_requests(request_ids, reason)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests or bool(self._rejected)
+
+    def step(self) -> list[EngineCoreOutput]:
+        outputs, self._rejected = self._rejected, []
+        scheduler_output = self.scheduler.schedule()
+        runner_output = self.runner.execute(scheduler_output)
+        prompt_logprobs = runner_output.prompt_logprobs
+        changed = self.scheduler.update_from_output(scheduler_output, runner_output.sampled)
+        reported = set()
+        for request in changed:
+            rid = request.request_id
+            logprob = runner_output.logprobs.get(rid)
+            outputs.append(
+                EngineCoreOutput(
+                    rid,
+                    new_token_ids=[request.output_token_ids[-1]],
+                    new_logprobs=[logprob] if logprob is not None else [],
+                    new_prompt_logprobs=prompt_logprobs.get(rid, []),
+                    finish_reason=request.finish_reason,
+                    num_cached_tokens=request.num_cached_tokens,
+                )
+            )
+            reported.add(rid)
+        # Prompt logprobs of a chunk that did not sample yet still go out now.
+        for rid, scored in prompt_logprobs.items():
+            if rid not in reported:
+                outputs.append(EngineCoreOutput(rid, new_prompt_logprobs=scored))
+        return outputs

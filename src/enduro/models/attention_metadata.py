@@ -1,0 +1,33 @@
+"""The tensors one forward pass needs to read and write the paged KV cache.
+
+Built once per step by `runner/input_batch.py` and handed to the model explicitly (never a
+module global). A step holds R requests and T new tokens in total, flattened in request order:
+request r owns flat tokens `query_start_loc[r] : query_start_loc[r + 1]`.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class AttentionMetadata:
+    # [T] flat slot (block_id * block_size + offset) where each new token's K/V is written.
+    slot_mapping: torch.Tensor
+    # [R, max_num_blocks] block ids of each request; padding entries are 0 and masked out.
+    block_tables: torch.Tensor
+    # [R] tokens in each request's context after this step (cached + new).
+    seq_lens: torch.Tensor
+    # [R + 1] prefix sums of the new tokens per request.
+    query_start_loc: torch.Tensor
+    # [T] index of each flat token in the padded [R * max_query_len] layout attention uses.
+    padded_index: torch.Tensor
+    max_query_len: int
+    # Boolean masks [R, 1, max_query_len, max_num_blocks * block_size], True = may attend,
+    # keyed by sliding window (None = full causal). Padding query rows attend to key 0 so
+    # softmax never sees an all-masked row.
+    masks: dict[int | None, torch.Tensor]
+
+    @property
+    def num_requests(self) -> int:
+        return int(self.seq_lens.shape[0])

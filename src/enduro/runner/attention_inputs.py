@@ -1,0 +1,63 @@
+"""Block tables and lengths → the tensors attention needs (`AttentionMetadata`) and positions."""
+
+from collections.abc import Iterable, Sequence
+
+import torch
+
+from enduro.models.attention_metadata import AttentionMetadata
+
+
+def build_attention_metadata(
+    query_lens: Sequence[int],
+    seq_lens: Sequence[int],
+    block_tables: Sequence[Sequence[int]],
+    block_size: int,
+    windows: Iterable[int | None],
+    device: torch.device | str = "cpu",
+) -> tuple[AttentionMetadata, torch.Tensor]:
+    """Metadata for one step and the position of every new token (flat, request order).
+
+    Request r computes its last `query_lens[r]` tokens out of `seq_lens[r]`; their K/V go to
+    the slots its block table names for those positions.
+    """
+    num_requests = len(query_lens)
+    max_query_len = max(query_lens)
+    max_num_blocks = max(len(table) for table in block_tables)
+    positions = torch.cat(
+        [torch.arange(s - q, s, dtype=torch.long) for q, s in zip(query_lens, seq_lens, strict=True)]
+    )
+    tables = torch.zeros((num_requests, max_num_blocks), dtype=torch.long)
+    for r, table in enumerate(block_tables):
+        tables[r, : len(table)] = torch.tensor(table, dtype=torch.long)
+    query_lens_t = torch.tensor(query_lens, dtype=torch.long)
+    seq_lens_t = torch.tensor(seq_lens, dtype=torch.long)
+    request_of_token = torch.repeat_interleave(torch.arange(num_requests), query_lens_t)
+    query_start_loc = torch.zeros(num_requests + 1, dtype=torch.long)
+    query_start_loc[1:] = torch.cumsum(query_lens_t, 0)
+    offset_in_request = torch.arange(len(positions)) - query_start_loc[request_of_token]
+    block_ids = tables[request_of_token, positions // block_size]
+    slot_mapping = block_ids * block_size + positions % block_size
+    padded_index = request_of_token * max_query_len + offset_in_request
+
+    # Query positions in the padded layout; padding rows get -1 and are fixed up below.
+    query_pos = torch.full((num_requests * max_query_len,), -1, dtype=torch.long)
+    query_pos[padded_index] = positions
+    query_pos = query_pos.view(num_requests, 1, max_query_len, 1)
+    key_pos = torch.arange(max_num_blocks * block_size).view(1, 1, 1, -1)
+    in_context = key_pos < seq_lens_t.view(-1, 1, 1, 1)
+    causal = (key_pos <= query_pos) & in_context
+    padding_rows = query_pos < 0
+    masks: dict[int | None, torch.Tensor] = {}
+    for window in set(windows):
+        mask = causal if window is None else causal & (key_pos > query_pos - window)
+        masks[window] = (mask | (padding_rows & (key_pos == 0))).to(device)
+    metadata = AttentionMetadata(
+        slot_mapping=slot_mapping.to(device),
+        block_tables=tables.to(device),
+        seq_lens=seq_lens_t.to(device),
+        query_start_loc=query_start_loc.to(device),
+        padded_index=padded_index.to(device),
+        max_query_len=max_query_len,
+        masks=masks,
+    )
+    return metadata, positions.to(device)

@@ -1,0 +1,104 @@
+"""Text ↔ token ids, incremental detokenization and stop strings."""
+
+from pathlib import Path
+
+from tokenizers import Tokenizer as BackendTokenizer
+from tokenizers.decoders import DecodeStream
+
+
+class Tokenizer:
+    """A fast tokenizer loaded from a directory (tokenizer.json + tokenizer_config.json)."""
+
+    def __init__(self, path: Path) -> None:
+        from transformers import AutoTokenizer
+
+        self._hf = AutoTokenizer.from_pretrained(str(path))
+        self.backend: BackendTokenizer = self._hf.backend_tokenizer
+        self.special_token_ids = frozenset(self._hf.all_special_ids)
+
+    @property
+    def eos_token_id(self) -> int | None:
+        token_id = self._hf.eos_token_id
+        return int(token_id) if token_id is not None else None
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self._hf)
+
+    @property
+    def chat_template(self) -> str | None:
+        template = getattr(self._hf, "chat_template", None)
+        return template if isinstance(template, str) else None
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        ids: list[int] = self._hf.encode(text, add_special_tokens=add_special_tokens)
+        return ids
+
+    def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
+        text: str = self._hf.decode(token_ids, skip_special_tokens=skip_special_tokens)
+        return text
+
+    def token_text(self, token_id: int) -> str:
+        """The text one token stands for on its own (for logprob listings)."""
+        return self.decode([token_id], skip_special_tokens=False)
+
+
+class IncrementalDetokenizer:
+    """Turns a growing list of token ids into text deltas.
+
+    A character spread over several byte tokens comes out whole, in the delta of the token
+    that completes it, never split across deltas.
+    """
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self._backend = tokenizer.backend
+        self._stream = DecodeStream(skip_special_tokens=True)
+
+    def add(self, token_id: int) -> str:
+        return self._stream.step(self._backend, token_id) or ""
+
+
+class StopStringMatcher:
+    """Accumulates output text, cuts it at the first stop string, and holds back a tail that
+    could still grow into one, so a streamed client never sees part of a stop string."""
+
+    def __init__(self, stop: tuple[str, ...], include_stop: bool = False) -> None:
+        self.stop = stop
+        self.include_stop = include_stop
+        self._hold = max((len(s) for s in stop), default=1) - 1
+        self.text = ""
+        self._emitted = 0
+        self.stopped = False
+
+    def add(self, delta: str) -> str:
+        """Append a delta; return the text that is now safe to show."""
+        if self.stopped:
+            return ""
+        search_from = max(0, len(self.text) - self._hold)
+        self.text += delta
+        cut = self._find_stop(search_from)
+        if cut is not None:
+            self.text = self.text[:cut]
+            self.stopped = True
+            return self._release(len(self.text))
+        return self._release(len(self.text) - self._hold)
+
+    def flush(self) -> str:
+        """The held-back tail, once generation has ended."""
+        return self._release(len(self.text))
+
+    def _find_stop(self, start: int) -> int | None:
+        best: int | None = None
+        for s in self.stop:
+            index = self.text.find(s, start)
+            if index >= 0:
+                end = index + len(s) if self.include_stop else index
+                best = end if best is None else min(best, end)
+        return best
+
+    def _release(self, upto: int) -> str:
+        if upto <= self._emitted:
+            return ""
+        piece = self.text[self._emitted : upto]
+        self._emitted = upto
+        return piece
