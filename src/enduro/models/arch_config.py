@@ -6,7 +6,6 @@ older flat keys (`rope_theta`, `rope_scaling`, `rope_local_base_freq`, `partial_
 are understood.
 """
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -243,7 +242,3 @@ def _rope_config(params: dict[str, Any], head_dim: int, interleaved: bool) -> Ro
         interleaved=interleaved,
     )
 
-
-def embedding_scale(hidden_size: int) -> float:
-    """sqrt(hidden_size) as a float32 value, as Gemma's checkpoint code stores it."""
-    return float(math.sqrt(hidden_size))

@@ -1,0 +1,137 @@
+"""Self-attention over the paged KV cache.
+
+A step's T new tokens arrive flat (request after request). Their K/V are written into the
+cache slots `attn.slot_mapping` names; then every request's whole context is gathered through
+its block table, the queries are scattered into a padded [R, max_query_len] layout, and one
+batched attention call covers all requests. Sliding-window layers keep their full KV: the
+mask does the windowing.
+
+Invariant: the cache must hold finite values everywhere (allocate it with zeros). Keys past a
+request's length are masked, but their values still enter the softmax-weighted sum with weight
+0, and 0 * NaN is NaN.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from enduro.models.attention_metadata import AttentionMetadata
+from enduro.models.layers import MergedLinear, RMSNorm
+from enduro.models.rotary import apply_rotary
+
+KVCache = tuple[torch.Tensor, torch.Tensor]
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_cache: KVCache,
+    attn: AttentionMetadata,
+    sliding_window: int | None,
+    scale: float,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """Write k/v into the cache, attend q to each request's context; returns [T, Hq * D].
+
+    q: [T, Hq, D]; k, v: [T, Hkv, D]; k_cache, v_cache: [num_blocks, block_size, Hkv, D].
+    """
+    k_cache, v_cache = kv_cache
+    num_tokens, num_heads, head_dim = q.shape
+    num_kv_heads = k_cache.shape[2]
+    k_cache.view(-1, num_kv_heads, head_dim)[attn.slot_mapping] = k
+    v_cache.view(-1, num_kv_heads, head_dim)[attn.slot_mapping] = v
+
+    num_requests, max_query_len = attn.num_requests, attn.max_query_len
+    # [R, max_num_blocks, block_size, Hkv, D] → [R, Hkv, S, D], S = max_num_blocks * block_size
+    keys = k_cache[attn.block_tables].flatten(1, 2).transpose(1, 2)
+    values = v_cache[attn.block_tables].flatten(1, 2).transpose(1, 2)
+    # [T, Hq, D] → [R, Hq, max_query_len, D]; padding rows stay zero.
+    q_padded = q.new_zeros(num_requests * max_query_len, num_heads, head_dim)
+    q_padded[attn.padded_index] = q
+    q_padded = q_padded.view(num_requests, max_query_len, num_heads, head_dim).transpose(1, 2)
+    mask = attn.masks[sliding_window]  # [R, 1, max_query_len, S], True = may attend
+    if softcap is None:
+        out = F.scaled_dot_product_attention(
+            q_padded, keys, values, attn_mask=mask, scale=scale, enable_gqa=True
+        )
+    else:
+        out = _softcapped_attention(q_padded, keys, values, mask, scale, softcap)
+    # [R, Hq, max_query_len, D] → [R * max_query_len, Hq * D] → [T, Hq * D]
+    out = out.transpose(1, 2).reshape(num_requests * max_query_len, num_heads * head_dim)
+    return out[attn.padded_index]
+
+
+def _softcapped_attention(
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    scale: float,
+    softcap: float,
+) -> torch.Tensor:
+    """Attention with scores capped to softcap * tanh(score / softcap), which SDPA cannot do."""
+    group = q.shape[1] // keys.shape[1]
+    keys = keys.repeat_interleave(group, dim=1)  # [R, Hq, S, D]
+    values = values.repeat_interleave(group, dim=1)
+    scores = (q @ keys.transpose(-1, -2)) * scale  # [R, Hq, max_query_len, S]
+    scores = torch.tanh(scores / softcap) * softcap
+    scores = scores.masked_fill(~mask, float("-inf"))
+    weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    return weights @ values
+
+
+class Attention(nn.Module):
+    """q/k/v projection (one matmul), optional QK norm, rope, paged attention, output projection."""
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        *,
+        scale: float,
+        sliding_window: int | None = None,
+        qkv_bias: bool = False,
+        o_proj_bias: bool = False,
+        qk_norm: bool = False,
+        norm_eps: float = 1e-6,
+        norm_unit_offset: bool = False,
+        rope_interleaved: bool = False,
+        softcap: float | None = None,
+    ) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.scale = scale
+        self.sliding_window = sliding_window
+        self.rope_interleaved = rope_interleaved
+        self.softcap = softcap
+        q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
+        self.qkv_proj = MergedLinear(hidden_size, (q_size, kv_size, kv_size), bias=qkv_bias)
+        self.o_proj = nn.Linear(q_size, hidden_size, bias=o_proj_bias)
+        self.q_norm = RMSNorm(head_dim, norm_eps, norm_unit_offset) if qk_norm else None
+        self.k_norm = RMSNorm(head_dim, norm_eps, norm_unit_offset) if qk_norm else None
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        attn: AttentionMetadata,
+        kv_cache: KVCache,
+    ) -> torch.Tensor:
+        # x: [T, hidden]; rope: cos, sin [T, rotary_dim / 2] at each token's position
+        num_tokens = x.shape[0]
+        q, k, v = self.qkv_proj(x).split(self.qkv_proj.shard_sizes, dim=-1)
+        q = q.view(num_tokens, self.num_heads, self.head_dim)
+        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
+        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        cos, sin = rope
+        q = apply_rotary(q, cos, sin, self.rope_interleaved)
+        k = apply_rotary(k, cos, sin, self.rope_interleaved)
+        out = paged_attention(q, k, v, kv_cache, attn, self.sliding_window, self.scale, self.softcap)
+        return self.o_proj(out)

@@ -1,0 +1,94 @@
+"""`CausalLM`: the interface the engine calls, and the body every architecture shares.
+
+embedding → decoder layers → final norm; then `compute_logits` for the rows the sampler needs.
+A model file supplies its decoder layers and its checkpoint-name map.
+"""
+
+from collections.abc import Iterable, Sequence
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from enduro.models.arch_config import ArchConfig
+from enduro.models.attention import KVCache
+from enduro.models.attention_metadata import AttentionMetadata
+from enduro.models.layers import RMSNorm
+from enduro.models.rotary import RotaryEmbedding
+from enduro.models.weight_loader import CheckpointNames, load_checkpoint
+
+
+class CausalLM(nn.Module):
+    """A decoder-only language model over a paged KV cache.
+
+    Built on the meta device by `registry.build_model`; `load_weights` then assigns the real
+    tensors. Each decoder layer is called as `layer(hidden, (cos, sin), attn, kv_cache)`.
+    """
+
+    checkpoint_names: ClassVar[CheckpointNames]
+
+    def __init__(self, arch: ArchConfig, dtype: torch.dtype, layers: Sequence[nn.Module]) -> None:
+        super().__init__()
+        self.arch = arch
+        self.embed_tokens = nn.Embedding(arch.vocab_size, arch.hidden_size)
+        self.layers = nn.ModuleList(layers)
+        self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, arch.norm_unit_offset)
+        self.lm_head = (
+            None
+            if arch.tie_word_embeddings
+            else nn.Linear(arch.hidden_size, arch.vocab_size, bias=False)
+        )
+        # One rotary table per distinct rope (Gemma 3: local and global), computed once a step.
+        ropes = list(dict.fromkeys(arch.ropes))
+        self.rotary_embs = nn.ModuleList(RotaryEmbedding(rope) for rope in ropes)
+        self.rope_of_layer = [ropes.index(rope) for rope in arch.ropes]
+        # Gemma rounds sqrt(hidden_size) from float32 to the model dtype before multiplying.
+        self.embed_scale = (
+            float(torch.tensor(arch.hidden_size**0.5, device="cpu").to(dtype))
+            if arch.scale_embeddings
+            else None
+        )
+        self.to(dtype)
+        for param in self.parameters():
+            param.requires_grad_(False)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        attn: AttentionMetadata,
+        kv_caches: list[KVCache],
+    ) -> torch.Tensor:
+        """input_ids, positions: [T] flat in request order → hidden states [T, hidden]."""
+        hidden = self.embed_tokens(input_ids)
+        if self.embed_scale is not None:
+            hidden = hidden * self.embed_scale
+        ropes = [rotary(positions) for rotary in self.rotary_embs]
+        for layer, rope_index, kv_cache in zip(
+            self.layers, self.rope_of_layer, kv_caches, strict=True
+        ):
+            hidden = layer(hidden, ropes[rope_index], attn, kv_cache)
+        return self.norm(hidden)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden: [N, hidden] → logits [N, vocab] in float32."""
+        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        logits = F.linear(hidden, weight).float()
+        cap = self.arch.final_logit_softcap
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Assign transformers-named tensors (already in the model dtype), then build buffers.
+
+        Raises ValueError naming missing or unexpected tensors. A tied model uses the embedding
+        matrix as its output projection, so a stray `lm_head.weight` is dropped.
+        """
+        ignored = frozenset({"lm_head.weight"}) if self.lm_head is None else frozenset()
+        load_checkpoint(self, weights, self.checkpoint_names, self.arch.num_layers, ignored)
+        device = self.embed_tokens.weight.device
+        for module in self.modules():
+            if isinstance(module, RotaryEmbedding):
+                module.materialize(device)

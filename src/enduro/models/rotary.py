@@ -1,0 +1,57 @@
+"""Rotary position embedding: frequencies per position, and the rotation applied to q and k."""
+
+import torch
+from torch import nn
+
+from enduro.models.arch_config import RopeConfig
+
+
+class RotaryEmbedding(nn.Module):
+    """cos and sin of position * inv_freq, in float32, for one `RopeConfig`."""
+
+    inv_freq: torch.Tensor
+
+    def __init__(self, rope: RopeConfig) -> None:
+        super().__init__()
+        self.rope = rope
+        # Built on whatever device is current (meta at model build); `materialize` redoes it.
+        self.register_buffer("inv_freq", self._inv_freq(None), persistent=False)
+
+    def _inv_freq(self, device: torch.device | None) -> torch.Tensor:
+        dim = self.rope.rotary_dim
+        exponents = torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim
+        return 1.0 / (self.rope.theta**exponents) / self.rope.linear_factor
+
+    def materialize(self, device: torch.device) -> None:
+        """Recompute the buffer on a real device, in float32 whatever the model dtype."""
+        self.inv_freq = self._inv_freq(device)
+
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # positions: [T] → cos, sin: [T, rotary_dim / 2]
+        freqs = positions[:, None].float() * self.inv_freq
+        return freqs.cos(), freqs.sin()
+
+
+def apply_rotary(
+    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool
+) -> torch.Tensor:
+    """Rotate the first rotary_dim dims of every head of x; the rest pass through.
+
+    x: [T, H, D]; cos, sin: [T, rotary_dim / 2]. Pair i is (i, i + rotary_dim / 2) in neox
+    style and (2i, 2i + 1) when interleaved (GLM-4); both turn by position * inv_freq[i].
+    """
+    rotary_dim = 2 * cos.shape[-1]
+    x_rot, x_pass = x[..., :rotary_dim], x[..., rotary_dim:]
+    cos = cos[:, None, :].to(x.dtype)  # [T, 1, rotary_dim / 2]
+    sin = sin[:, None, :].to(x.dtype)
+    if interleaved:
+        x1, x2 = x_rot[..., 0::2], x_rot[..., 1::2]
+    else:
+        x1, x2 = x_rot.chunk(2, dim=-1)
+    out1 = x1 * cos - x2 * sin
+    out2 = x2 * cos + x1 * sin
+    if interleaved:
+        rotated = torch.stack((out1, out2), dim=-1).flatten(-2)
+    else:
+        rotated = torch.cat((out1, out2), dim=-1)
+    return torch.cat((rotated, x_pass), dim=-1)

@@ -1,0 +1,210 @@
+from collections import Counter
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from enduro.config import CacheConfig, SchedulerConfig
+from enduro.core.scheduler import Scheduler, SchedulerOutput
+from enduro.request import FinishReason, Request
+from enduro.sampling_params import SamplingParams
+
+EOS = 99
+
+
+def make_scheduler(
+    num_blocks: int = 16,
+    block_size: int = 4,
+    max_num_seqs: int = 4,
+    budget: int = 16,
+    max_model_len: int = 64,
+) -> Scheduler:
+    return Scheduler(
+        scheduler_config=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=budget),
+        cache_config=CacheConfig(block_size=block_size),
+        num_blocks=num_blocks,
+        max_model_len=max_model_len,
+        eos_token_ids=(EOS,),
+    )
+
+
+def fake_sample(output: SchedulerOutput) -> dict[str, int]:
+    """A stand-in model: the next token is a function of the step's last input token."""
+    return {e.request_id: (e.token_ids[-1] * 7 + 3) % 50 for e in output.scheduled if e.sample}
+
+
+def add(scheduler: Scheduler, request_id: str, prompt: list[int], max_tokens: int) -> Request:
+    request = Request(request_id, prompt, SamplingParams(max_tokens=max_tokens))
+    scheduler.add_request(request)
+    return request
+
+
+def run_to_completion(scheduler: Scheduler, max_steps: int = 1000) -> None:
+    for _ in range(max_steps):
+        if not scheduler.has_unfinished_requests:
+            return
+        output = scheduler.schedule()
+        scheduler.update_from_output(output, fake_sample(output))
+    raise AssertionError("scheduler did not finish: deadlock")
+
+
+def assert_pool_consistent(scheduler: Scheduler) -> None:
+    manager = scheduler.kv_cache_manager
+    pool = manager.block_pool
+    holders = Counter(b.block_id for blocks in manager.req_to_blocks.values() for b in blocks)
+    for block in pool.blocks:
+        assert block.ref_cnt == holders.get(block.block_id, 0)
+    used = sum(1 for b in pool.blocks if b.ref_cnt > 0)
+    cached = sum(1 for b in pool.blocks if b.ref_cnt == 0 and b.block_hash is not None)
+    free = sum(1 for b in pool.blocks if b.ref_cnt == 0 and b.block_hash is None)
+    assert (used, cached) == (pool.num_used_blocks, pool.num_cached_blocks)
+    assert used + cached + free == pool.num_blocks
+    assert pool.num_hashed_blocks <= pool.num_blocks
+    assert set(manager.req_to_blocks) <= set(scheduler.requests)
+
+
+def test_prefill_is_chunked_by_the_token_budget() -> None:
+    scheduler = make_scheduler(budget=8)
+    add(scheduler, "a", list(range(20)), max_tokens=2)
+    first = scheduler.schedule()
+    assert [(e.num_computed_tokens, len(e.token_ids), e.sample) for e in first.scheduled] == [
+        (0, 8, False)
+    ]
+    assert first.new_requests[0].request_id == "a"
+    scheduler.update_from_output(first, {})
+    second = scheduler.schedule()
+    assert [(e.num_computed_tokens, len(e.token_ids)) for e in second.scheduled] == [(8, 8)]
+    assert second.new_requests == []
+    scheduler.update_from_output(second, {})
+    third = scheduler.schedule()
+    assert [(e.num_computed_tokens, len(e.token_ids), e.sample) for e in third.scheduled] == [
+        (16, 4, True)
+    ]
+    assert third.scheduled[0].block_ids == [0, 1, 2, 3, 4]
+
+
+def test_decode_and_prefill_share_a_step() -> None:
+    scheduler = make_scheduler(budget=16)
+    add(scheduler, "a", [1, 2, 3], max_tokens=5)
+    output = scheduler.schedule()
+    scheduler.update_from_output(output, {"a": 7})
+    add(scheduler, "b", list(range(10)), max_tokens=5)
+    output = scheduler.schedule()
+    assert [(e.request_id, e.token_ids) for e in output.scheduled] == [
+        ("a", [7]),
+        ("b", list(range(10))),
+    ]
+
+
+def test_finish_on_eos_max_tokens_and_context() -> None:
+    scheduler = make_scheduler(max_model_len=8)
+    eos = add(scheduler, "eos", [1, 2], max_tokens=5)
+    length = add(scheduler, "len", [1, 2], max_tokens=2)
+    context = add(scheduler, "ctx", [1, 2, 3, 4, 5, 6], max_tokens=2)
+    output = scheduler.schedule()
+    scheduler.update_from_output(output, {"eos": EOS, "len": 5, "ctx": 5})
+    assert eos.finish_reason is FinishReason.STOP
+    output = scheduler.schedule()
+    scheduler.update_from_output(output, {"len": 5, "ctx": 5})
+    assert length.finish_reason is FinishReason.LENGTH
+    assert context.finish_reason is FinishReason.LENGTH
+    assert context.num_tokens == 8
+    assert not scheduler.has_unfinished_requests
+    assert scheduler.kv_cache_manager.block_pool.num_used_blocks == 0
+
+
+def test_requests_that_can_never_fit_fail_alone() -> None:
+    scheduler = make_scheduler(num_blocks=4, block_size=4, max_model_len=64)
+    too_long = add(scheduler, "ctx", list(range(60)), max_tokens=10)
+    too_big = add(scheduler, "pool", list(range(10)), max_tokens=10)
+    empty = add(scheduler, "empty", [], max_tokens=1)
+    ok = add(scheduler, "ok", list(range(10)), max_tokens=7)
+    assert too_long.finish_reason is FinishReason.ERROR
+    assert "context length of 64" in (too_long.error or "")
+    assert too_big.finish_reason is FinishReason.ERROR
+    assert "the pool has 4" in (too_big.error or "")
+    assert empty.finish_reason is FinishReason.ERROR
+    run_to_completion(scheduler)
+    assert ok.finish_reason is FinishReason.LENGTH
+    assert ok.num_output_tokens == 7
+
+
+def test_preemption_when_blocks_run_out() -> None:
+    scheduler = make_scheduler(num_blocks=6, block_size=4, budget=64)
+    first = add(scheduler, "a", list(range(8)), max_tokens=12)
+    second = add(scheduler, "b", list(range(20, 28)), max_tokens=12)
+    run_to_completion(scheduler)
+    assert scheduler.stats.num_preemptions > 0
+    assert second.num_preemptions > 0
+    assert first.num_output_tokens == second.num_output_tokens == 12
+    assert_pool_consistent(scheduler)
+
+
+def test_abort_frees_blocks_and_tells_the_runner() -> None:
+    scheduler = make_scheduler()
+    add(scheduler, "a", list(range(10)), max_tokens=5)
+    output = scheduler.schedule()
+    scheduler.update_from_output(output, fake_sample(output))
+    scheduler.finish_requests(["a", "unknown"], FinishReason.ABORT)
+    assert scheduler.kv_cache_manager.block_pool.num_used_blocks == 0
+    assert scheduler.schedule().finished_request_ids == ["a"]
+
+
+def test_prefix_cache_hit_skips_computed_blocks() -> None:
+    scheduler = make_scheduler(budget=64)
+    prompt = list(range(13))
+    add(scheduler, "a", prompt, max_tokens=1)
+    run_to_completion(scheduler)
+    add(scheduler, "b", [*prompt[:12], 40, 41], max_tokens=1)
+    output = scheduler.schedule()
+    (entry,) = output.scheduled
+    assert entry.num_computed_tokens == 12
+    assert entry.token_ids == [40, 41]
+    assert scheduler.stats.num_prefix_hits == 12
+
+
+OPERATIONS = st.lists(
+    st.one_of(
+        st.tuples(
+            st.just("add"),
+            st.integers(0, 3),  # which shared prefix
+            st.integers(1, 20),  # prompt length
+            st.integers(1, 12),  # max_tokens
+        ),
+        st.tuples(st.just("abort"), st.integers(0, 50), st.just(0), st.just(0)),
+        st.tuples(st.just("step"), st.just(0), st.just(0), st.just(0)),
+    ),
+    max_size=60,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(OPERATIONS, st.integers(3, 12), st.sampled_from([2, 4]), st.booleans())
+def test_no_leak_under_random_add_abort_step(
+    operations: list[tuple[str, int, int, int]], num_blocks: int, block_size: int, caching: bool
+) -> None:
+    scheduler = Scheduler(
+        scheduler_config=SchedulerConfig(max_num_seqs=3, max_num_batched_tokens=12),
+        cache_config=CacheConfig(block_size=block_size, enable_prefix_caching=caching),
+        num_blocks=num_blocks,
+        max_model_len=40,
+        eos_token_ids=(EOS,),
+    )
+    prefixes = [list(range(p * 10, p * 10 + 20)) for p in range(4)]
+    added: list[Request] = []
+    for kind, a, b, c in operations:
+        if kind == "add":
+            added.append(add(scheduler, f"r{len(added)}", prefixes[a][:b], max_tokens=c))
+        elif kind == "abort" and added:
+            scheduler.finish_requests([added[a % len(added)].request_id], FinishReason.ABORT)
+        else:
+            output = scheduler.schedule()
+            scheduler.update_from_output(output, fake_sample(output))
+        assert_pool_consistent(scheduler)
+    run_to_completion(scheduler)
+    pool = scheduler.kv_cache_manager.block_pool
+    assert all(block.ref_cnt == 0 for block in pool.blocks)
+    assert pool.num_used_blocks == 0
+    assert pool.num_free_blocks == num_blocks
+    assert pool.num_hashed_blocks <= num_blocks
+    assert scheduler.kv_cache_manager.req_to_blocks == {}
+    assert all(r.is_finished for r in added)
