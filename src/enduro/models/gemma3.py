@@ -1,0 +1,84 @@
+"""Gemma 3 (text): sandwich-normed decoder with local (sliding) and global layers.
+
+Differences from Llama, all carried by `ArchConfig`: RMSNorm scales by (1 + w); a norm after
+attention and after the MLP as well as before; QK norm; scores scaled by
+query_pre_attn_scalar^-0.5; embeddings times sqrt(hidden_size); local and global layers
+with their own rope base; gelu (tanh) MLP; tied embeddings; optional logit softcapping.
+"""
+
+import torch
+from torch import nn
+
+from enduro.models.arch_config import ArchConfig
+from enduro.models.attention import Attention, KVCache
+from enduro.models.attention_metadata import AttentionMetadata
+from enduro.models.base import CausalLM
+from enduro.models.layers import GatedMLP, RMSNorm
+from enduro.models.weight_loader import CheckpointNames
+
+_ATTN = "model.layers.{i}.self_attn"
+CHECKPOINT_NAMES: CheckpointNames = {
+    "model.embed_tokens.weight": ("embed_tokens.weight", None),
+    "model.norm.weight": ("norm.weight", None),
+    "lm_head.weight": ("lm_head.weight", None),
+    "model.layers.{i}.input_layernorm.weight": ("layers.{i}.input_norm.weight", None),
+    "model.layers.{i}.post_attention_layernorm.weight": ("layers.{i}.post_attn_norm.weight", None),
+    "model.layers.{i}.pre_feedforward_layernorm.weight": ("layers.{i}.pre_mlp_norm.weight", None),
+    "model.layers.{i}.post_feedforward_layernorm.weight": ("layers.{i}.post_mlp_norm.weight", None),
+    f"{_ATTN}.q_proj.weight": ("layers.{i}.self_attn.qkv_proj.weight", 0),
+    f"{_ATTN}.k_proj.weight": ("layers.{i}.self_attn.qkv_proj.weight", 1),
+    f"{_ATTN}.v_proj.weight": ("layers.{i}.self_attn.qkv_proj.weight", 2),
+    f"{_ATTN}.q_proj.bias": ("layers.{i}.self_attn.qkv_proj.bias", 0),
+    f"{_ATTN}.k_proj.bias": ("layers.{i}.self_attn.qkv_proj.bias", 1),
+    f"{_ATTN}.v_proj.bias": ("layers.{i}.self_attn.qkv_proj.bias", 2),
+    f"{_ATTN}.o_proj.weight": ("layers.{i}.self_attn.o_proj.weight", None),
+    f"{_ATTN}.o_proj.bias": ("layers.{i}.self_attn.o_proj.bias", None),
+    f"{_ATTN}.q_norm.weight": ("layers.{i}.self_attn.q_norm.weight", None),
+    f"{_ATTN}.k_norm.weight": ("layers.{i}.self_attn.k_norm.weight", None),
+    "model.layers.{i}.mlp.gate_proj.weight": ("layers.{i}.mlp.gate_up_proj.weight", 0),
+    "model.layers.{i}.mlp.up_proj.weight": ("layers.{i}.mlp.gate_up_proj.weight", 1),
+    "model.layers.{i}.mlp.down_proj.weight": ("layers.{i}.mlp.down_proj.weight", None),
+}
+
+
+class Gemma3DecoderLayer(nn.Module):
+    def __init__(self, arch: ArchConfig, layer: int) -> None:
+        super().__init__()
+        hidden, eps = arch.hidden_size, arch.rms_norm_eps
+        self.input_norm = RMSNorm(hidden, eps, unit_offset=True)
+        self.self_attn = Attention(
+            hidden,
+            arch.num_heads,
+            arch.num_kv_heads,
+            arch.head_dim,
+            scale=arch.attn_scale,
+            sliding_window=arch.sliding_windows[layer],
+            qkv_bias=arch.qkv_bias,
+            o_proj_bias=arch.o_proj_bias,
+            qk_norm=arch.qk_norm,
+            norm_eps=eps,
+            norm_unit_offset=True,
+            softcap=arch.attn_logit_softcap,
+        )
+        self.post_attn_norm = RMSNorm(hidden, eps, unit_offset=True)
+        self.pre_mlp_norm = RMSNorm(hidden, eps, unit_offset=True)
+        self.mlp = GatedMLP(hidden, arch.intermediate_size, arch.hidden_act, bias=False)
+        self.post_mlp_norm = RMSNorm(hidden, eps, unit_offset=True)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        attn: AttentionMetadata,
+        kv_cache: KVCache,
+    ) -> torch.Tensor:
+        h = x + self.post_attn_norm(self.self_attn(self.input_norm(x), rope, attn, kv_cache))
+        return h + self.post_mlp_norm(self.mlp(self.pre_mlp_norm(h)))
+
+
+class Gemma3ForCausalLM(CausalLM):
+    checkpoint_names = CHECKPOINT_NAMES
+
+    def __init__(self, arch: ArchConfig, dtype: torch.dtype) -> None:
+        layers = [Gemma3DecoderLayer(arch, i) for i in range(arch.num_layers)]
+        super().__init__(arch, dtype, layers)

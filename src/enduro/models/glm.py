@@ -1,0 +1,78 @@
+"""GLM-4 (transformers' Glm4ForCausalLM): sandwich-normed decoder with partial, interleaved rope.
+
+Differences from Llama: a norm after attention (`post_self_attn_layernorm`) and after the MLP
+(`post_mlp_layernorm`) besides the usual two; q/k/v bias; rope on the first half of each head
+only, rotating adjacent pairs (2i, 2i + 1); gate and up already fused in the checkpoint.
+"""
+
+import torch
+from torch import nn
+
+from enduro.models.arch_config import ArchConfig
+from enduro.models.attention import Attention, KVCache
+from enduro.models.attention_metadata import AttentionMetadata
+from enduro.models.base import CausalLM
+from enduro.models.layers import GatedMLP, RMSNorm
+from enduro.models.weight_loader import CheckpointNames
+
+_ATTN = "model.layers.{i}.self_attn"
+CHECKPOINT_NAMES: CheckpointNames = {
+    "model.embed_tokens.weight": ("embed_tokens.weight", None),
+    "model.norm.weight": ("norm.weight", None),
+    "lm_head.weight": ("lm_head.weight", None),
+    "model.layers.{i}.input_layernorm.weight": ("layers.{i}.input_norm.weight", None),
+    "model.layers.{i}.post_self_attn_layernorm.weight": ("layers.{i}.post_attn_norm.weight", None),
+    # Despite its name, transformers' post_attention_layernorm is the norm before the MLP.
+    "model.layers.{i}.post_attention_layernorm.weight": ("layers.{i}.pre_mlp_norm.weight", None),
+    "model.layers.{i}.post_mlp_layernorm.weight": ("layers.{i}.post_mlp_norm.weight", None),
+    f"{_ATTN}.q_proj.weight": ("layers.{i}.self_attn.qkv_proj.weight", 0),
+    f"{_ATTN}.k_proj.weight": ("layers.{i}.self_attn.qkv_proj.weight", 1),
+    f"{_ATTN}.v_proj.weight": ("layers.{i}.self_attn.qkv_proj.weight", 2),
+    f"{_ATTN}.q_proj.bias": ("layers.{i}.self_attn.qkv_proj.bias", 0),
+    f"{_ATTN}.k_proj.bias": ("layers.{i}.self_attn.qkv_proj.bias", 1),
+    f"{_ATTN}.v_proj.bias": ("layers.{i}.self_attn.qkv_proj.bias", 2),
+    f"{_ATTN}.o_proj.weight": ("layers.{i}.self_attn.o_proj.weight", None),
+    # Already fused as [gate; up] on the output dim, the layout GatedMLP uses.
+    "model.layers.{i}.mlp.gate_up_proj.weight": ("layers.{i}.mlp.gate_up_proj.weight", None),
+    "model.layers.{i}.mlp.down_proj.weight": ("layers.{i}.mlp.down_proj.weight", None),
+}
+
+
+class Glm4DecoderLayer(nn.Module):
+    def __init__(self, arch: ArchConfig, layer: int) -> None:
+        super().__init__()
+        hidden, eps = arch.hidden_size, arch.rms_norm_eps
+        self.input_norm = RMSNorm(hidden, eps)
+        self.self_attn = Attention(
+            hidden,
+            arch.num_heads,
+            arch.num_kv_heads,
+            arch.head_dim,
+            scale=arch.attn_scale,
+            sliding_window=arch.sliding_windows[layer],
+            qkv_bias=arch.qkv_bias,
+            o_proj_bias=arch.o_proj_bias,
+            rope_interleaved=arch.ropes[layer].interleaved,
+        )
+        self.post_attn_norm = RMSNorm(hidden, eps)
+        self.pre_mlp_norm = RMSNorm(hidden, eps)
+        self.mlp = GatedMLP(hidden, arch.intermediate_size, arch.hidden_act, bias=False)
+        self.post_mlp_norm = RMSNorm(hidden, eps)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        attn: AttentionMetadata,
+        kv_cache: KVCache,
+    ) -> torch.Tensor:
+        h = x + self.post_attn_norm(self.self_attn(self.input_norm(x), rope, attn, kv_cache))
+        return h + self.post_mlp_norm(self.mlp(self.pre_mlp_norm(h)))
+
+
+class Glm4ForCausalLM(CausalLM):
+    checkpoint_names = CHECKPOINT_NAMES
+
+    def __init__(self, arch: ArchConfig, dtype: torch.dtype) -> None:
+        layers = [Glm4DecoderLayer(arch, i) for i in range(arch.num_layers)]
+        super().__init__(arch, dtype, layers)
