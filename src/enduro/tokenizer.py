@@ -65,7 +65,6 @@ class StopStringMatcher:
     def __init__(self, stop: tuple[str, ...], include_stop: bool = False) -> None:
         self.stop = stop
         self.include_stop = include_stop
-        self._hold = max((len(s) for s in stop), default=1) - 1
         self.text = ""
         self._emitted = 0
         self.stopped = False
@@ -74,14 +73,15 @@ class StopStringMatcher:
         """Append a delta; return the text that is now safe to show."""
         if self.stopped:
             return ""
-        search_from = max(0, len(self.text) - self._hold)
+        longest = max((len(s) for s in self.stop), default=1)
+        search_from = max(0, len(self.text) - longest + 1)
         self.text += delta
         cut = self._find_stop(search_from)
         if cut is not None:
             self.text = self.text[:cut]
             self.stopped = True
             return self._release(len(self.text))
-        return self._release(len(self.text) - self._hold)
+        return self._release(len(self.text) - self._partial_match_length())
 
     def flush(self) -> str:
         """The held-back tail, once generation has ended."""
@@ -94,6 +94,16 @@ class StopStringMatcher:
             if index >= 0:
                 end = index + len(s) if self.include_stop else index
                 best = end if best is None else min(best, end)
+        return best
+
+    def _partial_match_length(self) -> int:
+        """Length of the longest tail of the text that begins some stop string."""
+        best = 0
+        for s in self.stop:
+            for size in range(min(len(s) - 1, len(self.text)), best, -1):
+                if self.text.endswith(s[:size]):
+                    best = size
+                    break
         return best
 
     def _release(self, upto: int) -> str:

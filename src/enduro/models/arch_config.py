@@ -169,7 +169,7 @@ def _architecture_key(d: dict[str, Any]) -> str:
 
 
 def _layer_types(architecture: str, d: dict[str, Any]) -> list[str]:
-    """"sliding_attention" or "full_attention" per layer, defaulted as transformers does."""
+    """ "sliding_attention" or "full_attention" per layer, defaulted as transformers does."""
     num_layers = int(_require(d, "num_hidden_layers"))
     layer_types = d.get("layer_types")
     if layer_types is None and architecture == "gemma3":
@@ -196,7 +196,9 @@ def _sliding_windows(
     architecture: str, d: dict[str, Any], layer_types: list[str]
 ) -> tuple[int | None, ...]:
     window = d.get("sliding_window")
-    if architecture in ("llama", "glm4") or (architecture != "gemma3" and not d["use_sliding_window"]):
+    if architecture in ("llama", "glm4") or (
+        architecture != "gemma3" and not d["use_sliding_window"]
+    ):
         window = None
     return tuple(window if t == "sliding_attention" else None for t in layer_types)
 
@@ -208,7 +210,9 @@ def _ropes(
         params = dict(d.get("rope_scaling") or d.get("rope_parameters") or {})
         params.setdefault("rope_theta", d.get("rope_theta") or 10000.0)
         default_partial = 0.5 if architecture == "glm4" else 1.0
-        params.setdefault("partial_rotary_factor", d.get("partial_rotary_factor") or default_partial)
+        params.setdefault(
+            "partial_rotary_factor", d.get("partial_rotary_factor") or default_partial
+        )
         rope = _rope_config(params, head_dim, interleaved=architecture == "glm4")
         return (rope,) * len(layer_types)
     # Gemma 3: local layers and global layers have their own base; older configs name them
@@ -241,4 +245,3 @@ def _rope_config(params: dict[str, Any], head_dim: int, interleaved: bool) -> Ro
         linear_factor=factor,
         interleaved=interleaved,
     )
-

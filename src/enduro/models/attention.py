@@ -133,5 +133,7 @@ class Attention(nn.Module):
         cos, sin = rope
         q = apply_rotary(q, cos, sin, self.rope_interleaved)
         k = apply_rotary(k, cos, sin, self.rope_interleaved)
-        out = paged_attention(q, k, v, kv_cache, attn, self.sliding_window, self.scale, self.softcap)
+        out = paged_attention(
+            q, k, v, kv_cache, attn, self.sliding_window, self.scale, self.softcap
+        )
         return self.o_proj(out)

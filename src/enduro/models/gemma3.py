@@ -77,8 +77,5 @@ class Gemma3DecoderLayer(nn.Module):
 
 
 class Gemma3ForCausalLM(CausalLM):
+    decoder_layer = Gemma3DecoderLayer
     checkpoint_names = CHECKPOINT_NAMES
-
-    def __init__(self, arch: ArchConfig, dtype: torch.dtype) -> None:
-        layers = [Gemma3DecoderLayer(arch, i) for i in range(arch.num_layers)]
-        super().__init__(arch, dtype, layers)

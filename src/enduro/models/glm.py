@@ -71,8 +71,5 @@ class Glm4DecoderLayer(nn.Module):
 
 
 class Glm4ForCausalLM(CausalLM):
+    decoder_layer = Glm4DecoderLayer
     checkpoint_names = CHECKPOINT_NAMES
-
-    def __init__(self, arch: ArchConfig, dtype: torch.dtype) -> None:
-        layers = [Glm4DecoderLayer(arch, i) for i in range(arch.num_layers)]
-        super().__init__(arch, dtype, layers)

@@ -55,7 +55,9 @@ class LlamaDecoderLayer(nn.Module):
             norm_eps=arch.rms_norm_eps,
         )
         self.mlp_norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
-        self.mlp = GatedMLP(arch.hidden_size, arch.intermediate_size, arch.hidden_act, arch.mlp_bias)
+        self.mlp = GatedMLP(
+            arch.hidden_size, arch.intermediate_size, arch.hidden_act, arch.mlp_bias
+        )
 
     def forward(
         self,
@@ -69,8 +71,5 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaForCausalLM(CausalLM):
+    decoder_layer = LlamaDecoderLayer
     checkpoint_names = CHECKPOINT_NAMES
-
-    def __init__(self, arch: ArchConfig, dtype: torch.dtype) -> None:
-        layers = [LlamaDecoderLayer(arch, i) for i in range(arch.num_layers)]
-        super().__init__(arch, dtype, layers)
