@@ -15,6 +15,7 @@ from transformers import (
     Glm4Config,
     LlamaConfig,
     PretrainedConfig,
+    PreTrainedModel,
     Qwen2Config,
     Qwen3Config,
 )
@@ -60,7 +61,7 @@ def tiny_config(arch: str) -> PretrainedConfig:
     raise ValueError(f"unknown architecture {arch!r}")
 
 
-def build_tiny_hf_model(arch: str, seed: int = 0) -> torch.nn.Module:
+def build_tiny_hf_model(arch: str, seed: int = 0) -> PreTrainedModel:
     """A transformers model with random weights, in fp32, in eval mode."""
     from transformers import AutoModelForCausalLM
 

@@ -98,8 +98,7 @@ class ArchConfig:
     attn_scale: float  # multiplies q·k
     # Multiply embeddings by sqrt(hidden_size), rounded to the model dtype (Gemma).
     scale_embeddings: bool
-    # cap * tanh(x / cap) on attention scores / final logits, when set.
-    attn_logit_softcap: float | None
+    # cap * tanh(logits / cap) on the output logits, when set (Gemma).
     final_logit_softcap: float | None
 
     def __post_init__(self) -> None:
@@ -120,6 +119,10 @@ class ArchConfig:
         is_gemma = architecture == "gemma3"
         if is_gemma and d.get("use_bidirectional_attention"):
             raise ValueError("bidirectional Gemma 3 attention is not supported")
+        if is_gemma and d.get("attn_logit_softcapping") is not None:
+            # transformers' Gemma 3 reads this key but never applies it (Gemma 2 does), so the
+            # reference itself is ambiguous; released Gemma 3 checkpoints set it to null.
+            raise ValueError("Gemma 3 attn_logit_softcapping is not supported")
         num_heads = int(_require(d, "num_attention_heads"))
         head_dim = int(d.get("head_dim") or int(_require(d, "hidden_size")) // num_heads)
         layer_types = _layer_types(architecture, d)
@@ -149,7 +152,6 @@ class ArchConfig:
             tie_word_embeddings=bool(d["tie_word_embeddings"]),
             attn_scale=scale_base**-0.5,
             scale_embeddings=is_gemma,
-            attn_logit_softcap=d.get("attn_logit_softcapping") if is_gemma else None,
             final_logit_softcap=d.get("final_logit_softcapping") if is_gemma else None,
         )
 

@@ -30,14 +30,13 @@ def paged_attention(
     attn: AttentionMetadata,
     sliding_window: int | None,
     scale: float,
-    softcap: float | None = None,
 ) -> torch.Tensor:
     """Write k/v into the cache, attend q to each request's context; returns [T, Hq * D].
 
     q: [T, Hq, D]; k, v: [T, Hkv, D]; k_cache, v_cache: [num_blocks, block_size, Hkv, D].
     """
     k_cache, v_cache = kv_cache
-    num_tokens, num_heads, head_dim = q.shape
+    num_heads, head_dim = q.shape[1:]
     num_kv_heads = k_cache.shape[2]
     k_cache.view(-1, num_kv_heads, head_dim)[attn.slot_mapping] = k
     v_cache.view(-1, num_kv_heads, head_dim)[attn.slot_mapping] = v
@@ -51,34 +50,12 @@ def paged_attention(
     q_padded[attn.padded_index] = q
     q_padded = q_padded.view(num_requests, max_query_len, num_heads, head_dim).transpose(1, 2)
     mask = attn.masks[sliding_window]  # [R, 1, max_query_len, S], True = may attend
-    if softcap is None:
-        out = F.scaled_dot_product_attention(
-            q_padded, keys, values, attn_mask=mask, scale=scale, enable_gqa=True
-        )
-    else:
-        out = _softcapped_attention(q_padded, keys, values, mask, scale, softcap)
+    out = F.scaled_dot_product_attention(
+        q_padded, keys, values, attn_mask=mask, scale=scale, enable_gqa=True
+    )  # [R, Hq, max_query_len, D]
     # [R, Hq, max_query_len, D] → [R * max_query_len, Hq * D] → [T, Hq * D]
     out = out.transpose(1, 2).reshape(num_requests * max_query_len, num_heads * head_dim)
     return out[attn.padded_index]
-
-
-def _softcapped_attention(
-    q: torch.Tensor,
-    keys: torch.Tensor,
-    values: torch.Tensor,
-    mask: torch.Tensor,
-    scale: float,
-    softcap: float,
-) -> torch.Tensor:
-    """Attention with scores capped to softcap * tanh(score / softcap), which SDPA cannot do."""
-    group = q.shape[1] // keys.shape[1]
-    keys = keys.repeat_interleave(group, dim=1)  # [R, Hq, S, D]
-    values = values.repeat_interleave(group, dim=1)
-    scores = (q @ keys.transpose(-1, -2)) * scale  # [R, Hq, max_query_len, S]
-    scores = torch.tanh(scores / softcap) * softcap
-    scores = scores.masked_fill(~mask, float("-inf"))
-    weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-    return weights @ values
 
 
 class Attention(nn.Module):
@@ -99,7 +76,6 @@ class Attention(nn.Module):
         norm_eps: float = 1e-6,
         norm_unit_offset: bool = False,
         rope_interleaved: bool = False,
-        softcap: float | None = None,
     ) -> None:
         super().__init__()
         self.num_heads = num_heads
@@ -108,7 +84,6 @@ class Attention(nn.Module):
         self.scale = scale
         self.sliding_window = sliding_window
         self.rope_interleaved = rope_interleaved
-        self.softcap = softcap
         q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
         self.qkv_proj = MergedLinear(hidden_size, (q_size, kv_size, kv_size), bias=qkv_bias)
         self.o_proj = nn.Linear(q_size, hidden_size, bias=o_proj_bias)
@@ -133,7 +108,5 @@ class Attention(nn.Module):
         cos, sin = rope
         q = apply_rotary(q, cos, sin, self.rope_interleaved)
         k = apply_rotary(k, cos, sin, self.rope_interleaved)
-        out = paged_attention(
-            q, k, v, kv_cache, attn, self.sliding_window, self.scale, self.softcap
-        )
+        out = paged_attention(q, k, v, kv_cache, attn, self.sliding_window, self.scale)
         return self.o_proj(out)

@@ -4,7 +4,7 @@ embedding → decoder layers → final norm; then `compute_logits` for the rows 
 A model file supplies its decoder layers and its checkpoint-name map.
 """
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable, Sequence
 from typing import ClassVar
 
 import torch
@@ -23,19 +23,17 @@ class CausalLM(nn.Module):
     """A decoder-only language model over a paged KV cache.
 
     Built on the meta device by `registry.build_model`; `load_weights` then assigns the real
-    tensors. A model file names its `decoder_layer`, called as
-    `layer(hidden, (cos, sin), attn, kv_cache)`, and its `checkpoint_names`.
+    tensors. A model file passes its decoder layers, each called as
+    `layer(hidden, (cos, sin), attn, kv_cache)`, and names its `checkpoint_names`.
     """
 
-    # (arch, layer index) → decoder layer; and transformers name → parameter, as data.
-    decoder_layer: ClassVar[Callable[[ArchConfig, int], nn.Module]]
     checkpoint_names: ClassVar[CheckpointNames]
 
-    def __init__(self, arch: ArchConfig, dtype: torch.dtype) -> None:
+    def __init__(self, arch: ArchConfig, dtype: torch.dtype, layers: Sequence[nn.Module]) -> None:
         super().__init__()
         self.arch = arch
         self.embed_tokens = nn.Embedding(arch.vocab_size, arch.hidden_size)
-        self.layers = nn.ModuleList(self.decoder_layer(arch, i) for i in range(arch.num_layers))
+        self.layers = nn.ModuleList(layers)
         self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, arch.norm_unit_offset)
         self.lm_head = (
             None

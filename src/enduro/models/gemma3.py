@@ -3,7 +3,7 @@
 Differences from Llama, all carried by `ArchConfig`: RMSNorm scales by (1 + w); a norm after
 attention and after the MLP as well as before; QK norm; scores scaled by
 query_pre_attn_scalar^-0.5; embeddings times sqrt(hidden_size); local and global layers
-with their own rope base; gelu (tanh) MLP; tied embeddings; optional logit softcapping.
+with their own rope base; gelu (tanh) MLP; tied embeddings; optional final-logit softcapping.
 """
 
 import torch
@@ -45,7 +45,7 @@ class Gemma3DecoderLayer(nn.Module):
     def __init__(self, arch: ArchConfig, layer: int) -> None:
         super().__init__()
         hidden, eps = arch.hidden_size, arch.rms_norm_eps
-        self.input_norm = RMSNorm(hidden, eps, unit_offset=True)
+        self.input_norm = RMSNorm(hidden, eps, arch.norm_unit_offset)
         self.self_attn = Attention(
             hidden,
             arch.num_heads,
@@ -57,13 +57,12 @@ class Gemma3DecoderLayer(nn.Module):
             o_proj_bias=arch.o_proj_bias,
             qk_norm=arch.qk_norm,
             norm_eps=eps,
-            norm_unit_offset=True,
-            softcap=arch.attn_logit_softcap,
+            norm_unit_offset=arch.norm_unit_offset,
         )
-        self.post_attn_norm = RMSNorm(hidden, eps, unit_offset=True)
-        self.pre_mlp_norm = RMSNorm(hidden, eps, unit_offset=True)
+        self.post_attn_norm = RMSNorm(hidden, eps, arch.norm_unit_offset)
+        self.pre_mlp_norm = RMSNorm(hidden, eps, arch.norm_unit_offset)
         self.mlp = GatedMLP(hidden, arch.intermediate_size, arch.hidden_act, bias=False)
-        self.post_mlp_norm = RMSNorm(hidden, eps, unit_offset=True)
+        self.post_mlp_norm = RMSNorm(hidden, eps, arch.norm_unit_offset)
 
     def forward(
         self,
@@ -77,5 +76,7 @@ class Gemma3DecoderLayer(nn.Module):
 
 
 class Gemma3ForCausalLM(CausalLM):
-    decoder_layer = Gemma3DecoderLayer
     checkpoint_names = CHECKPOINT_NAMES
+
+    def __init__(self, arch: ArchConfig, dtype: torch.dtype) -> None:
+        super().__init__(arch, dtype, [Gemma3DecoderLayer(arch, i) for i in range(arch.num_layers)])

@@ -71,5 +71,7 @@ class Glm4DecoderLayer(nn.Module):
 
 
 class Glm4ForCausalLM(CausalLM):
-    decoder_layer = Glm4DecoderLayer
     checkpoint_names = CHECKPOINT_NAMES
+
+    def __init__(self, arch: ArchConfig, dtype: torch.dtype) -> None:
+        super().__init__(arch, dtype, [Glm4DecoderLayer(arch, i) for i in range(arch.num_layers)])

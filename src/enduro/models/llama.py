@@ -71,5 +71,7 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaForCausalLM(CausalLM):
-    decoder_layer = LlamaDecoderLayer
     checkpoint_names = CHECKPOINT_NAMES
+
+    def __init__(self, arch: ArchConfig, dtype: torch.dtype) -> None:
+        super().__init__(arch, dtype, [LlamaDecoderLayer(arch, i) for i in range(arch.num_layers)])

@@ -4,6 +4,8 @@
 registry key (`arch_config.ARCHITECTURE_KEYS`); this maps the key to the class that runs it.
 """
 
+from collections.abc import Callable
+
 import torch
 
 from enduro.models.arch_config import ArchConfig
@@ -12,7 +14,7 @@ from enduro.models.gemma3 import Gemma3ForCausalLM
 from enduro.models.glm import Glm4ForCausalLM
 from enduro.models.llama import LlamaForCausalLM
 
-MODEL_CLASSES: dict[str, type[CausalLM]] = {
+MODEL_CLASSES: dict[str, Callable[[ArchConfig, torch.dtype], CausalLM]] = {
     "llama": LlamaForCausalLM,
     "qwen2": LlamaForCausalLM,
     "qwen3": LlamaForCausalLM,
