@@ -22,7 +22,7 @@ from enduro.loading.gguf_reader import GGUFFile, GGUFTensorInfo
 Q = GGMLQuantizationType
 # The tensor types gguf.quants can dequantize that this loader accepts (a test dequantizes one
 # block of each, so the list cannot name a type the library does not handle).
-DEQUANTIZABLE_TYPES = frozenset(
+DEQUANTIZABLE_TYPES: frozenset[GGMLQuantizationType] = frozenset(
     {
         Q.F32, Q.F16, Q.BF16, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0,
         Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.IQ4_NL, Q.IQ4_XS,
@@ -61,6 +61,12 @@ class GGUFWeights:
 def plan_gguf_weights(gguf: GGUFFile, num_heads: int, num_kv_heads: int) -> GGUFWeights:
     """Map every tensor of the file to its transformers name, or fail before reading any data."""
     names = ARCHITECTURES[architecture_of(gguf)]
+    num_splits = gguf.metadata.get("split.count", 1)
+    if num_splits != 1:
+        raise ModelLoadError(
+            f"{gguf.path}: is one part of a model split in {num_splits} files; merge them first "
+            f"(llama-gguf-split --merge)"
+        )
     weights = tuple(GGUFWeight(_mapped_name(gguf, names, info), info) for info in gguf.tensors)
     plan = GGUFWeights(gguf, names, num_heads, num_kv_heads, weights)
     for weight in weights:

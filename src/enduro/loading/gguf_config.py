@@ -50,7 +50,9 @@ class _Metadata:
 
     def bad(self, key: str, value: Any, expected: str) -> ModelLoadError:
         found = "missing" if value is None else f"{value!r}"
-        return ModelLoadError(f"{self.gguf.path}: metadata {self.arch}.{key} is {found}, expected {expected}")
+        return ModelLoadError(
+            f"{self.gguf.path}: metadata {self.arch}.{key} is {found}, expected {expected}"
+        )
 
 
 def hf_config_from_gguf(gguf: GGUFFile) -> dict[str, Any]:
@@ -64,10 +66,9 @@ def hf_config_from_gguf(gguf: GGUFFile) -> dict[str, Any]:
 
 def architecture_of(gguf: GGUFFile) -> str:
     arch = gguf.metadata.get("general.architecture")
-    if arch not in ARCHITECTURES:
-        raise ModelLoadError(
-            f"{gguf.path}: architecture {arch!r} is not supported (supported: {sorted(ARCHITECTURES)})"
-        )
+    if not isinstance(arch, str) or arch not in ARCHITECTURES:
+        supported = ", ".join(sorted(ARCHITECTURES))
+        raise ModelLoadError(f"{gguf.path}: architecture {arch!r} is not supported ({supported})")
     return str(arch)
 
 
@@ -76,6 +77,12 @@ def _common_config(meta: _Metadata, names: ArchitectureNames) -> dict[str, Any]:
     num_heads = meta.integer("attention.head_count")
     if num_heads == 0:
         raise meta.bad("attention.head_count", 0, "at least one head")
+    num_kv_heads = meta.integer("attention.head_count_kv", default=num_heads)
+    if num_kv_heads == 0 or num_heads % num_kv_heads:
+        raise meta.bad("attention.head_count_kv", num_kv_heads, f"a divisor of {num_heads}")
+    head_dim = meta.integer("attention.key_length", default=hidden_size // num_heads)
+    if head_dim == 0 or head_dim % 2:
+        raise meta.bad("attention.key_length", head_dim, "a positive even head size")
     tensor_names = {info.name for info in meta.gguf.tensors}
     return {
         "architectures": [names.hf_architecture],
@@ -85,8 +92,8 @@ def _common_config(meta: _Metadata, names: ArchitectureNames) -> dict[str, Any]:
         "intermediate_size": meta.integer("feed_forward_length"),
         "num_hidden_layers": meta.integer("block_count"),
         "num_attention_heads": num_heads,
-        "num_key_value_heads": meta.integer("attention.head_count_kv", default=num_heads),
-        "head_dim": meta.integer("attention.key_length", default=hidden_size // num_heads),
+        "num_key_value_heads": num_kv_heads,
+        "head_dim": head_dim,
         "rms_norm_eps": meta.real("attention.layer_norm_rms_epsilon"),
         "max_position_embeddings": meta.integer("context_length"),
         # llama.cpp writes output.weight only when the output projection is not the embedding.
@@ -123,6 +130,9 @@ def _special_token_ids(gguf: GGUFFile) -> dict[str, Any]:
     stops = [ids["eos_token_id"]] + [
         gguf.metadata.get(f"tokenizer.ggml.{name}") for name in ("eot_token_id", "eom_token_id")
     ]
+    for token_id in [*ids.values(), *stops]:
+        if token_id is not None and (not isinstance(token_id, int) or isinstance(token_id, bool)):
+            raise ModelLoadError(f"{gguf.path}: special token id {token_id!r} is not an integer")
     distinct = list(dict.fromkeys(stop for stop in stops if stop is not None))
     if len(distinct) > 1:
         ids["eos_token_id"] = distinct
@@ -134,18 +144,18 @@ def _rope_parameters(meta: _Metadata, theta: float) -> dict[str, Any]:
     scaling = meta.get("rope.scaling.type")
     if scaling in (None, "none"):
         return {"rope_type": "default", "rope_theta": theta}
+    if scaling not in ("linear", "yarn"):
+        raise meta.bad("rope.scaling.type", scaling, "none, linear or yarn")
     factor = meta.real("rope.scaling.factor")
     if scaling == "linear":
         return {"rope_type": "linear", "rope_theta": theta, "factor": factor}
-    if scaling == "yarn":
-        original = meta.integer("rope.scaling.original_context_length")
-        return {
-            "rope_type": "yarn",
-            "rope_theta": theta,
-            "factor": factor,
-            "original_max_position_embeddings": original,
-        }
-    raise meta.bad("rope.scaling.type", scaling, "none, linear or yarn")
+    original = meta.integer("rope.scaling.original_context_length")
+    return {
+        "rope_type": "yarn",
+        "rope_theta": theta,
+        "factor": factor,
+        "original_max_position_embeddings": original,
+    }
 
 
 def _has_bias(meta: _Metadata) -> bool:

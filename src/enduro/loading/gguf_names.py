@@ -49,7 +49,9 @@ ARCHITECTURES: Mapping[str, ArchitectureNames] = {
     "llama": ArchitectureNames(
         "llama", "LlamaForCausalLM", {**_ATTENTION, **_GATED_MLP, **_PRE_NORMS}, rope_permuted=True
     ),
-    "qwen2": ArchitectureNames("qwen2", "Qwen2ForCausalLM", {**_ATTENTION, **_GATED_MLP, **_PRE_NORMS}),
+    "qwen2": ArchitectureNames(
+        "qwen2", "Qwen2ForCausalLM", {**_ATTENTION, **_GATED_MLP, **_PRE_NORMS}
+    ),
     "qwen3": ArchitectureNames(
         "qwen3", "Qwen3ForCausalLM", {**_ATTENTION, **_QK_NORM, **_GATED_MLP, **_PRE_NORMS}
     ),

@@ -6,6 +6,7 @@ metadata key/values, one info per tensor (name, dims innermost first, ggml type,
 malformed file becomes a ModelLoadError naming it, never a struct.error or an IndexError.
 """
 
+import itertools
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,7 +65,7 @@ class GGUFFile:
 def read_gguf(path: Path) -> GGUFFile:
     """Parse and validate a GGUF file's header, metadata and tensor table."""
     blob = _map_file(path)
-    cursor = _Cursor(memoryview(blob), path)
+    cursor = _Cursor(blob.data, path)
     version, tensor_count, kv_count = _read_header(cursor)
     metadata = _read_metadata(cursor, kv_count)
     alignment = _alignment(cursor, metadata)
@@ -94,10 +95,15 @@ def _read_header(cursor: "_Cursor") -> tuple[int, int, int]:
         raise cursor.fail(f"GGUF version {version} is not supported (only {SUPPORTED_VERSIONS})")
     tensor_count = cursor.u64("the tensor count")
     kv_count = cursor.u64("the metadata count")
-    if tensor_count * _MIN_TENSOR_INFO_BYTES > cursor.remaining():
-        raise cursor.fail(f"tensor count {tensor_count} cannot fit in the file (corrupt header)")
-    if kv_count * _MIN_KV_BYTES > cursor.remaining():
-        raise cursor.fail(f"metadata count {kv_count} cannot fit in the file (corrupt header)")
+    for count, what, min_bytes in (
+        (tensor_count, "tensor count", _MIN_TENSOR_INFO_BYTES),
+        (kv_count, "metadata count", _MIN_KV_BYTES),
+    ):
+        if count * min_bytes > cursor.remaining():
+            raise cursor.fail(
+                f"{what} {count} cannot fit in the {cursor.remaining()} bytes after the header "
+                f"(truncated or corrupt)"
+            )
     return version, tensor_count, kv_count
 
 
@@ -171,7 +177,7 @@ def _place(
 ) -> GGUFTensorInfo:
     """Check one tensor's type, shape and offset, and locate its bytes in the file."""
     where = f"tensor {raw.name!r}"
-    if raw.type_id not in GGML_QUANT_SIZES.keys():
+    if raw.type_id not in GGML_QUANT_SIZES:
         raise cursor.fail(f"{where} has unknown ggml type {raw.type_id}")
     ggml_type = GGMLQuantizationType(raw.type_id)
     if any(dim == 0 for dim in raw.dims):
@@ -202,7 +208,7 @@ def _check_layout(cursor: "_Cursor", tensors: tuple[GGUFTensorInfo, ...]) -> Non
         duplicate = next(name for name in names if names.count(name) > 1)
         raise cursor.fail(f"tensor {duplicate!r} appears twice")
     by_offset = sorted(tensors, key=lambda info: info.offset)
-    for before, after in zip(by_offset, by_offset[1:], strict=False):
+    for before, after in itertools.pairwise(by_offset):
         if before.offset + before.num_bytes > after.offset:
             raise cursor.fail(f"tensors {before.name!r} and {after.name!r} overlap")
 
