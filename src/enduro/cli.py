@@ -3,10 +3,11 @@
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
 from enduro.config import DTYPES
 
@@ -15,8 +16,8 @@ bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks (figures, never a
 app.add_typer(bench_app, name="bench")
 console = Console(stderr=True)
 
-ModelOption = typer.Option(None, "--model", help="A .gguf file or HF directory (default: Gemma 3 270M).")
-DtypeOption = typer.Option("auto", "--dtype", help=f"One of {', '.join(DTYPES)}.")
+MODEL_HELP = "A .gguf file or HF directory (default: Gemma 3 270M)."
+DTYPE_HELP = f"One of {', '.join(DTYPES)}."
 
 
 @contextmanager
@@ -30,7 +31,7 @@ def load_progress() -> Iterator[Callable[[str, int, int], None]]:
         console=console,
         transient=True,
     ) as progress:
-        tasks: dict[str, int] = {}
+        tasks: dict[str, TaskID] = {}
 
         def report(stage: str, done: int, total: int) -> None:
             if stage not in tasks:
@@ -42,13 +43,13 @@ def load_progress() -> Iterator[Callable[[str, int, int], None]]:
 
 @app.command()
 def generate(
-    prompt: str = typer.Argument(..., help="The text to continue."),
-    model: str | None = ModelOption,
-    max_tokens: int = typer.Option(64, "--max-tokens", min=1),
-    temperature: float = typer.Option(0.0, "--temperature", min=0.0),
-    top_p: float = typer.Option(1.0, "--top-p"),
-    seed: int | None = typer.Option(None, "--seed"),
-    dtype: str = DtypeOption,
+    prompt: Annotated[str, typer.Argument(help="The text to continue.")],
+    model: Annotated[str | None, typer.Option("--model", help=MODEL_HELP)] = None,
+    max_tokens: Annotated[int, typer.Option("--max-tokens", min=1)] = 64,
+    temperature: Annotated[float, typer.Option("--temperature", min=0.0)] = 0.0,
+    top_p: Annotated[float, typer.Option("--top-p")] = 1.0,
+    seed: Annotated[int | None, typer.Option("--seed")] = None,
+    dtype: Annotated[str, typer.Option("--dtype", help=DTYPE_HELP)] = "auto",
 ) -> None:
     """Continue PROMPT, streaming tokens to the terminal as they are generated."""
     from enduro.engine.llm import LLM
@@ -67,17 +68,21 @@ def generate(
 
 @bench_app.command("offline")
 def bench_offline(
-    model: str | None = ModelOption,
-    dtype: str = DtypeOption,
-    max_tokens: int = typer.Option(128, "--max-tokens", min=1),
-    concurrency: list[int] = typer.Option([1, 16], "--concurrency"),
-    baseline: bool = typer.Option(True, "--baseline/--no-baseline", help="Also run transformers."),
+    model: Annotated[str | None, typer.Option("--model", help=MODEL_HELP)] = None,
+    dtype: Annotated[str, typer.Option("--dtype", help=DTYPE_HELP)] = "auto",
+    max_tokens: Annotated[int, typer.Option("--max-tokens", min=1)] = 128,
+    concurrency: Annotated[list[int] | None, typer.Option("--concurrency")] = None,
+    baseline: Annotated[
+        bool, typer.Option("--baseline/--no-baseline", help="Also run transformers.")
+    ] = True,
 ) -> None:
     """Decode tokens/s of the engine alone, next to transformers `generate` in the same run."""
     from enduro.bench.offline import run_offline_benchmark
 
     with load_progress() as report:
-        table = run_offline_benchmark(model, dtype, max_tokens, concurrency, baseline, report)
+        table = run_offline_benchmark(
+            model, dtype, max_tokens, concurrency or [1, 16], baseline, report
+        )
     Console().print(table)
 
 

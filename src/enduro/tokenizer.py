@@ -35,7 +35,8 @@ class Tokenizer:
         return ids
 
     def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
-        text: str = self._hf.decode(token_ids, skip_special_tokens=skip_special_tokens)
+        text = self._hf.decode(token_ids, skip_special_tokens=skip_special_tokens)
+        assert isinstance(text, str)
         return text
 
     def token_text(self, token_id: int) -> str:

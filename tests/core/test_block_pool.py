@@ -31,7 +31,7 @@ def test_cached_blocks_are_reused_by_hash_and_evicted_lru() -> None:
 
 def test_touch_takes_a_cached_block_out_of_the_lru() -> None:
     pool = BlockPool(2)
-    a, b = pool.get_new_blocks(2)
+    a, _ = pool.get_new_blocks(2)
     pool.cache_block(a, b"a")
     pool.free_blocks([a])
     pool.touch([a])

@@ -22,7 +22,10 @@ def _imports(path: Path) -> set[str]:
 
 def _module_file(name: str) -> Path | None:
     relative = Path(*name.split(".")[1:])
-    for candidate in (PACKAGE_ROOT / relative.with_suffix(".py"), PACKAGE_ROOT / relative / "__init__.py"):
+    for candidate in (
+        PACKAGE_ROOT / relative.with_suffix(".py"),
+        PACKAGE_ROOT / relative / "__init__.py",
+    ):
         if candidate.is_file():
             return candidate
     return None

@@ -2,6 +2,7 @@
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -21,10 +22,10 @@ PROMPTS = [
 GREEDY = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True, logprobs=0)
 
 
-def tiny_llm(path: Path, **kwargs: object) -> LLM:
-    options: dict[str, object] = {"dtype": "float32", "block_size": 4, "num_blocks": 128}
+def tiny_llm(path: Path, **kwargs: Any) -> LLM:
+    options: dict[str, Any] = {"dtype": "float32", "block_size": 4, "num_blocks": 128}
     options.update(kwargs)
-    return LLM(str(path), cache_dir=None, **options)
+    return LLM(str(path), **options)
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from enduro.runner.sampler import (
+    RequestState,
     Sampler,
     apply_penalties,
     apply_top_k_top_p_min_p,
@@ -12,14 +13,16 @@ from enduro.runner.sampler import (
 from enduro.sampling_params import SamplingParams
 
 
-def _states(sampler: Sampler, *params: SamplingParams) -> list:  # type: ignore[type-arg]
+def _states(sampler: Sampler, *params: SamplingParams) -> list[RequestState]:
     return [sampler.new_state(p, [0, 1]) for p in params]
 
 
 def test_greedy_takes_the_argmax() -> None:
     sampler = Sampler(seed=0, device=torch.device("cpu"))
     logits = torch.tensor([[0.0, 3.0, 1.0], [5.0, 1.0, 2.0]])
-    tokens, logprobs = sampler.sample(logits, _states(sampler, *[SamplingParams(temperature=0)] * 2))
+    tokens, logprobs = sampler.sample(
+        logits, _states(sampler, *[SamplingParams(temperature=0)] * 2)
+    )
     assert tokens == [1, 0]
     assert logprobs == [None, None]
 

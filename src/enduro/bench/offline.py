@@ -56,7 +56,9 @@ def build_transformers_model(llm: LLM) -> torch.nn.Module:
     return model.eval()
 
 
-def time_transformers(model: torch.nn.Module, llm: LLM, prompts: list[str], max_tokens: int) -> float:
+def time_transformers(
+    model: torch.nn.Module, llm: LLM, prompts: list[str], max_tokens: int
+) -> float:
     from transformers import AutoTokenizer
 
     assert llm.engine.runner.files.tokenizer_dir is not None
@@ -88,7 +90,9 @@ def run_offline_benchmark(
     llm = LLM(model, progress=progress, dtype=dtype, max_num_seqs=max(concurrency))
     llm.generate(workload(2), SamplingParams(max_tokens=4, ignore_eos=True))  # warm-up
     hf_model = build_transformers_model(llm) if baseline else None
-    table = Table(title=f"decode tokens/s, {max_tokens} new tokens per request, {llm.engine.runner.dtype}")
+    table = Table(
+        title=f"decode tokens/s, {max_tokens} new tokens per request, {llm.engine.runner.dtype}"
+    )
     for column in ("concurrency", "enduro", "transformers", "ratio"):
         table.add_column(column, justify="right")
     total = len(concurrency)

@@ -68,7 +68,9 @@ class KVCacheManager:
         computed = new_computed_blocks or []
         held = self.req_to_blocks.setdefault(request.request_id, [])
         num_computed = request.num_computed_tokens + len(computed) * self.block_size
-        num_needed = cdiv(num_computed + num_new_tokens, self.block_size) - len(held) - len(computed)
+        num_needed = (
+            cdiv(num_computed + num_new_tokens, self.block_size) - len(held) - len(computed)
+        )
         # Hits with ref_cnt 0 are counted as free now but stop being free once touched.
         num_touched_free = sum(1 for block in computed if block.ref_cnt == 0)
         if num_needed > self.block_pool.num_free_blocks - num_touched_free:

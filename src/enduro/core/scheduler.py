@@ -104,9 +104,7 @@ class Scheduler:
         # The last sampled token is never written to the cache.
         needed = self.kv_cache_manager.num_blocks_needed(total - 1)
         if needed > self.num_blocks:
-            return (
-                f"prompt + max_tokens needs {needed} KV blocks; the pool has {self.num_blocks}"
-            )
+            return f"prompt + max_tokens needs {needed} KV blocks; the pool has {self.num_blocks}"
         return None
 
     def finish_requests(self, request_ids: list[str], reason: FinishReason) -> None:
@@ -227,9 +225,7 @@ class Scheduler:
 
     # ---- after the forward -----------------------------------------------------------------
 
-    def update_from_output(
-        self, output: SchedulerOutput, sampled: dict[str, int]
-    ) -> list[Request]:
+    def update_from_output(self, output: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
         """Advance computed tokens, append sampled ones, finish what is done.
 
         Returns the requests that got a new token or finished this step.

@@ -52,7 +52,9 @@ class EngineCore:
             self.scheduler.add_request(request)
         if request.is_finished:  # rejected: report it with the next step's outputs
             self._rejected.append(
-                EngineCoreOutput(request_id, finish_reason=request.finish_reason, error=request.error)
+                EngineCoreOutput(
+                    request_id, finish_reason=request.finish_reason, error=request.error
+                )
             )
 
     def finish_requests(self, request_ids: list[str], reason: FinishReason) -> None:

@@ -40,7 +40,9 @@ class LLM:
         """Run prompts (strings or token-id lists) to completion, all batched together."""
         prompt_list = _as_prompt_list(prompts)
         param_list = _as_params_list(params, len(prompt_list))
-        request_ids = [self.add_request(p, sp) for p, sp in zip(prompt_list, param_list, strict=True)]
+        request_ids = [
+            self.add_request(p, sp) for p, sp in zip(prompt_list, param_list, strict=True)
+        ]
         while self.engine.has_unfinished_requests():
             self.step()
         return [self.processor.pop(rid) for rid in request_ids]

@@ -24,7 +24,10 @@ def build_attention_metadata(
     max_query_len = max(query_lens)
     max_num_blocks = max(len(table) for table in block_tables)
     positions = torch.cat(
-        [torch.arange(s - q, s, dtype=torch.long) for q, s in zip(query_lens, seq_lens, strict=True)]
+        [
+            torch.arange(s - q, s, dtype=torch.long)
+            for q, s in zip(query_lens, seq_lens, strict=True)
+        ]
     )
     tables = torch.zeros((num_requests, max_num_blocks), dtype=torch.long)
     for r, table in enumerate(block_tables):

@@ -69,6 +69,8 @@ def prompt_logprobs_spans(
             last = min(start + len(entry.token_ids), len(prompt) - 1)
             if first <= last:
                 rows = list(range(row + first - 1 - start, row + last - start))
-                spans.append(PromptLogprobsSpan(entry.request_id, first, rows, prompt[first : last + 1]))
+                spans.append(
+                    PromptLogprobsSpan(entry.request_id, first, rows, prompt[first : last + 1])
+                )
         row += len(entry.token_ids)
     return spans

@@ -17,7 +17,10 @@ class KVCache:
         shape = (num_blocks, block_size, num_kv_heads, head_dim)
         # torch.zeros on CPU maps untouched pages lazily, so memory grows with use.
         self.layers = [
-            (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+            (
+                torch.zeros(shape, dtype=dtype, device=device),
+                torch.zeros(shape, dtype=dtype, device=device),
+            )
             for _ in range(num_layers)
         ]
         self.num_blocks = num_blocks

@@ -35,7 +35,9 @@ def resolve_dtype(name: str) -> torch.dtype:
     if name == "auto":
         native_bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
         return torch.bfloat16 if native_bf16 else torch.float32
-    return getattr(torch, name)  # type: ignore[no-any-return]
+    dtype = getattr(torch, name)
+    assert isinstance(dtype, torch.dtype)
+    return dtype
 
 
 class ModelRunner:

@@ -56,7 +56,9 @@ class Sampler:
         if raw_logprobs is not None:
             for i, state in enumerate(states):
                 if state.params.logprobs is not None:
-                    logprobs[i] = token_logprobs(raw_logprobs[i], token_ids[i], state.params.logprobs)
+                    logprobs[i] = token_logprobs(
+                        raw_logprobs[i], token_ids[i], state.params.logprobs
+                    )
         return token_ids, logprobs
 
     def _sample_random(self, logits: torch.Tensor, states: list[RequestState]) -> torch.Tensor:
