@@ -44,15 +44,14 @@ def build_transformers_model(llm: LLM) -> torch.nn.Module:
 
     config_dict = dict(llm.engine.runner.files.hf_config)
     config = AutoConfig.for_model(config_dict.pop("model_type"), **config_dict)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=llm.engine.runner.dtype)
+    model = AutoModelForCausalLM.from_config(config, dtype=llm.engine.runner.dtype)
     state = dict(llm.engine.runner.files.weights())
-    model.load_state_dict(state, strict=False, assign=True)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     if getattr(config, "tie_word_embeddings", False) or "lm_head.weight" not in state:
-        model.lm_head.weight = model.get_input_embeddings().weight
-    for name, buffer in list(model.named_buffers()):
-        if buffer.is_meta:
-            raise RuntimeError(f"transformers baseline left buffer {name} unset")
+        model.tie_weights()
+        missing = [name for name in missing if name != "lm_head.weight"]
+    if missing or unexpected:
+        raise RuntimeError(f"baseline weights do not fit: {missing[:3]} {unexpected[:3]}")
     return model.eval()
 
 
