@@ -8,10 +8,13 @@ llama.cpp's. The value transforms are re-implemented from the converter's behavi
   Gemma's by 1 + weight).
 - Llama: the rows of each head of q_proj / k_proj are reordered from the half-split rope layout
   to the interleaved one (row `half * d/2 + i` goes to row `2 * i + half`).
+- Llama with rope_type "llama3": the scaling is written not as metadata but as a
+  `rope_freqs.weight` F32 tensor of what each rope frequency is divided by, ahead of the weights.
 
 Use: `write_tiny_gguf(model, model.config, path, "llama")`, then `open_model(str(path), ...)`.
 """
 
+import math
 from pathlib import Path
 
 import gguf
@@ -70,6 +73,9 @@ def write_tiny_gguf(
             [gguf.TokenType.CONTROL] * 3 + [gguf.TokenType.NORMAL] * (len(tokens) - 3)
         )
         writer.add_token_merges(merges)
+    if arch == "llama" and config.rope_parameters["rope_type"] == "llama3":
+        rope_freqs = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight"
+        writer.add_tensor(rope_freqs, llama3_rope_divisors(config))
     name_map = gguf.get_tensor_name_map(GGUF_ARCHES[arch], config.num_hidden_layers)
     for name, tensor in model.state_dict().items():
         if name == "lm_head.weight" and config.tie_word_embeddings:
@@ -109,6 +115,26 @@ def permute_for_llama_cpp(tensor: torch.Tensor, num_heads: int) -> torch.Tensor:
     head_dim = tensor.shape[0] // num_heads
     halves = tensor.reshape(num_heads, 2, head_dim // 2, *tensor.shape[1:])
     return halves.transpose(1, 2).reshape(tensor.shape)
+
+
+def llama3_rope_divisors(config: PretrainedConfig) -> np.ndarray:
+    """What llama.cpp divides each rope frequency by to get Llama 3 scaling: 1 for wavelengths
+    under original / high_freq_factor, `factor` above original / low_freq_factor, and in between
+    the reciprocal of the blend (1 - s) / factor + s of the two, computed in float64."""
+    rope = config.rope_parameters
+    original = rope["original_max_position_embeddings"]
+    low, high, factor = rope["low_freq_factor"], rope["high_freq_factor"], rope["factor"]
+    divisors = []
+    for i in range(0, config.head_dim, 2):
+        wavelength = 2 * math.pi * rope["rope_theta"] ** (i / config.head_dim)
+        if wavelength < original / high:
+            divisors.append(1.0)
+        elif wavelength > original / low:
+            divisors.append(factor)
+        else:
+            s = (original / wavelength - low) / (high - low)
+            divisors.append(1 / ((1 - s) / factor + s))
+    return np.array(divisors, dtype=np.float32)
 
 
 def _converted(

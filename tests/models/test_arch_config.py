@@ -4,7 +4,13 @@ from typing import Any
 
 import pytest
 
-from enduro.models.arch_config import ArchConfig, RopeConfig
+from enduro.models.arch_config import ArchConfig
+from enduro.models.rope_config import (
+    FrequencyDivisors,
+    LinearScaling,
+    Llama3Scaling,
+    RopeConfig,
+)
 
 # Gemma 3 270M as published (transformers 4.x keys: rope_theta, rope_local_base_freq,
 # rope_scaling), minus layer_types so the 5-local-1-global pattern default is exercised.
@@ -84,7 +90,7 @@ def test_gemma3_old_linear_rope_scaling_applies_to_global_layers_only() -> None:
     config = {**GEMMA3_270M, "rope_scaling": {"factor": 8.0, "rope_type": "linear"}}
     ropes = ArchConfig.from_hf_config(config).ropes
     assert ropes[4] == RopeConfig(theta=10000.0, rotary_dim=256)
-    assert ropes[5] == RopeConfig(theta=1000000.0, rotary_dim=256, linear_factor=8.0)
+    assert ropes[5] == RopeConfig(theta=1000000.0, rotary_dim=256, scaling=LinearScaling(8.0))
 
 
 def test_gemma3_transformers5_rope_parameters() -> None:
@@ -101,7 +107,7 @@ def test_gemma3_transformers5_rope_parameters() -> None:
     assert arch.sliding_windows == (512, None)
     assert arch.ropes == (
         RopeConfig(theta=1e4, rotary_dim=256),
-        RopeConfig(theta=5e5, rotary_dim=256, linear_factor=2.0),
+        RopeConfig(theta=5e5, rotary_dim=256, scaling=LinearScaling(2.0)),
     )
 
 
@@ -127,7 +133,69 @@ def test_llama_flat_keys_and_eos_list() -> None:
     )
 
 
-@pytest.mark.parametrize("rope_type", ["llama3", "yarn", "dynamic"])
+def test_llama31_published_rope_scaling() -> None:
+    """Llama 3.1's config.json keeps llama3 scaling in the older `rope_scaling` key."""
+    scaling = {
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+        "rope_type": "llama3",
+    }
+    rope = ArchConfig.from_hf_config({**LLAMA, "rope_scaling": scaling}).ropes[0]
+    assert rope == RopeConfig(
+        theta=500000.0, rotary_dim=16, scaling=Llama3Scaling(8.0, 1.0, 4.0, 8192)
+    )
+
+
+def test_llama3_original_length_defaults_as_in_transformers() -> None:
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1, "high_freq_factor": 4}
+    config = {**LLAMA, "rope_scaling": scaling}
+    rope = ArchConfig.from_hf_config(config).ropes[0]
+    assert rope.scaling == Llama3Scaling(8.0, 1.0, 4.0, 2048)  # max_position_embeddings
+    with_top_level = {**config, "original_max_position_embeddings": 1024}
+    assert ArchConfig.from_hf_config(with_top_level).ropes[0].scaling == Llama3Scaling(
+        8.0, 1.0, 4.0, 1024
+    )
+
+
+def test_longrope_with_one_factor_list_is_fixed_divisors() -> None:
+    divisors = [1.0, 1.0, 2.0, 2.5, 8.0, 8.0, 8.0, 8.0]
+    params = {
+        "rope_type": "longrope",
+        "short_factor": divisors,
+        "long_factor": divisors,
+        "factor": 1.0,
+    }
+    rope = ArchConfig.from_hf_config({**LLAMA, "rope_parameters": params}).ropes[0]
+    assert rope == RopeConfig(
+        theta=500000.0, rotary_dim=16, scaling=FrequencyDivisors(tuple(divisors))
+    )
+
+
+@pytest.mark.parametrize(
+    ("params", "phrase"),
+    [
+        ({"short_factor": [1.0] * 8, "long_factor": [2.0] * 8, "factor": 1.0}, "short_factor =="),
+        ({"short_factor": [1.0] * 8, "long_factor": [1.0] * 8, "factor": 4.0}, "attention_factor"),
+        ({"short_factor": [1.0] * 4, "long_factor": [1.0] * 4, "factor": 1.0}, "4 rope freq"),
+        ({"short_factor": [0.0] * 8, "long_factor": [0.0] * 8, "factor": 1.0}, "positive"),
+        ({"long_factor": [1.0] * 8}, "lack 'short_factor'"),
+    ],
+)
+def test_longrope_beyond_fixed_divisors_is_refused(params: dict[str, Any], phrase: str) -> None:
+    config = {**LLAMA, "rope_parameters": {"rope_type": "longrope", **params}}
+    with pytest.raises(ValueError, match=phrase):
+        ArchConfig.from_hf_config(config)
+
+
+def test_llama3_needs_increasing_band_factors() -> None:
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 4, "high_freq_factor": 4}
+    with pytest.raises(ValueError, match="low_freq_factor < high_freq_factor"):
+        ArchConfig.from_hf_config({**LLAMA, "rope_scaling": scaling})
+
+
+@pytest.mark.parametrize("rope_type", ["yarn", "dynamic"])
 def test_unsupported_rope_type_is_refused(rope_type: str) -> None:
     config = {**LLAMA, "rope_scaling": {"rope_type": rope_type, "factor": 8.0}}
     with pytest.raises(ValueError, match=f"unsupported rope type '{rope_type}'"):
@@ -137,7 +205,7 @@ def test_unsupported_rope_type_is_refused(rope_type: str) -> None:
 def test_old_style_rope_scaling_type_key() -> None:
     config = {**LLAMA, "rope_scaling": {"type": "linear", "factor": 2.0}}
     rope = ArchConfig.from_hf_config(config).ropes[0]
-    assert rope == RopeConfig(theta=500000.0, rotary_dim=16, linear_factor=2.0)
+    assert rope == RopeConfig(theta=500000.0, rotary_dim=16, scaling=LinearScaling(2.0))
 
 
 def test_glm4_old_config_has_half_interleaved_rope_and_qkv_bias_only() -> None:

@@ -19,8 +19,18 @@ from enduro.models.arch_config import ArchConfig
 from enduro.models.attention import KVCache
 from enduro.models.base import CausalLM
 from enduro.models.registry import build_model
+from enduro.models.rope_config import LinearScaling, Llama3Scaling
+from enduro.models.rotary import RotaryEmbedding
 from enduro.runner.attention_inputs import build_attention_metadata
 from tests.conftest import ARCHITECTURES
+from tests.models.tiny_llama3 import (
+    BLENDED,
+    DIVIDED,
+    KEPT,
+    LLAMA3_ROPE,
+    build_tiny_llama3,
+    unscaled_inv_freq,
+)
 
 BLOCK_SIZE = 4
 NUM_BLOCKS = 40
@@ -152,7 +162,29 @@ def test_gemma3_final_softcap_and_linear_rope_match_transformers(tmp_path: Path)
     hf_model.save_pretrained(tmp_path)
     model = load_model(tmp_path)
     assert model.arch.final_logit_softcap == 5.0
-    assert model.arch.ropes[1].linear_factor == 4.0
+    assert model.arch.ropes[1].scaling == LinearScaling(4.0)
+    prompts = random_prompts(model.arch.vocab_size, PROMPT_LENS)
+    sequences, ours = generate(model, prompts)
+    assert max_diff_to_transformers(hf_model, prompts, sequences, ours) < TOLERANCE
+
+
+def test_llama3_rope_matches_transformers(tmp_path: Path) -> None:
+    """Llama 3 rope scaling: the frequencies equal transformers' exactly in all three bands."""
+    build_tiny_llama3().save_pretrained(tmp_path)
+    hf_model = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    model = load_model(tmp_path)
+    params = {k: v for k, v in LLAMA3_ROPE.items() if k not in ("rope_type", "rope_theta")}
+    assert model.arch.ropes[0].scaling == Llama3Scaling(**params)
+
+    (rotary,) = model.rotary_embs
+    assert isinstance(rotary, RotaryEmbedding)
+    inv_freq, unscaled = rotary.inv_freq, unscaled_inv_freq()
+    assert torch.equal(inv_freq, hf_model.model.rotary_emb.inv_freq)
+    assert torch.equal(inv_freq[KEPT], unscaled[KEPT])
+    assert torch.equal(inv_freq[DIVIDED], unscaled[DIVIDED] / 8.0)
+    assert (unscaled[BLENDED] / 8.0 < inv_freq[BLENDED]).all()
+    assert (inv_freq[BLENDED] < unscaled[BLENDED]).all()
+
     prompts = random_prompts(model.arch.vocab_size, PROMPT_LENS)
     sequences, ours = generate(model, prompts)
     assert max_diff_to_transformers(hf_model, prompts, sequences, ours) < TOLERANCE

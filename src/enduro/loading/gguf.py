@@ -3,7 +3,8 @@
 Each tensor is dequantized on its own (gguf.quants, numpy), renamed by the architecture's name
 map, has llama.cpp's converter transforms undone, and is cast to the requested dtype, so the
 model is never in memory twice. Everything that can be checked without reading tensor data is
-checked when the plan is made, before any work starts.
+checked when the plan is made, before any work starts. Tensors that are configuration, not
+weights (Llama's rope_freqs), are left out of the plan; gguf_config reads them.
 """
 
 from collections.abc import Iterator
@@ -67,7 +68,11 @@ def plan_gguf_weights(gguf: GGUFFile, num_heads: int, num_kv_heads: int) -> GGUF
             f"{gguf.path}: is one part of a model split in {num_splits} files; merge them first "
             f"(llama-gguf-split --merge)"
         )
-    weights = tuple(GGUFWeight(_mapped_name(gguf, names, info), info) for info in gguf.tensors)
+    weights = tuple(
+        GGUFWeight(_mapped_name(gguf, names, info), info)
+        for info in gguf.tensors
+        if info.name not in names.config_tensors
+    )
     plan = GGUFWeights(gguf, names, num_heads, num_kv_heads, weights)
     for weight in weights:
         _check_weight(plan, weight)

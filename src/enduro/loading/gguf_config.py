@@ -2,15 +2,19 @@
 
 A GGUF file carries no config.json: its `{arch}.*` keys are the config, under llama.cpp's names.
 Where llama.cpp hard-codes a value instead of reading it (Gemma 3's layer pattern and local rope
-base), the hard-coded value is the default here and a key in the file overrides it.
+base), the hard-coded value is the default here and a key in the file overrides it. One tensor
+is config too: Llama 3 rope scaling, which llama.cpp stores as per-frequency divisors.
 """
 
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+from gguf import GGMLQuantizationType
+
 from enduro.loading.errors import ModelLoadError
-from enduro.loading.gguf_names import ARCHITECTURES, ArchitectureNames
+from enduro.loading.gguf_names import ARCHITECTURES, ROPE_FREQS, ArchitectureNames
 from enduro.loading.gguf_reader import GGUFFile
 
 # llama.cpp: Gemma 3 runs every 6th layer with full attention and the rest in a sliding window
@@ -171,6 +175,55 @@ def _llama_like(meta: _Metadata, common: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _llama(meta: _Metadata, common: dict[str, Any]) -> dict[str, Any]:
+    config = _llama_like(meta, common)
+    divisors = _rope_freq_divisors(meta, common["head_dim"] // 2)
+    if divisors is not None:
+        theta = config["rope_parameters"]["rope_theta"]
+        config["rope_parameters"] = _divisor_rope(meta, theta, divisors)
+    return config
+
+
+def _rope_freq_divisors(meta: _Metadata, num_frequencies: int) -> list[float] | None:
+    """The values of llama.cpp's rope_freqs tensor, which divide the rope frequencies one by one.
+
+    llama.cpp's converter stores Llama 3 rope scaling this way instead of as parameters.
+    """
+    info = next((info for info in meta.gguf.tensors if info.name == ROPE_FREQS), None)
+    if info is None:
+        return None
+    is_f32_vector = info.ggml_type == GGMLQuantizationType.F32 and info.shape == (num_frequencies,)
+    values = meta.gguf.tensor_bytes(info).view("<f4") if is_f32_vector else None
+    if values is None or not np.all(np.isfinite(values) & (values > 0)):
+        raise ModelLoadError(
+            f"{meta.gguf.path}: tensor {ROPE_FREQS!r} is {info.ggml_type.name} of shape "
+            f"{list(info.shape)}, expected {num_frequencies} positive F32 values"
+        )
+    return [float(value) for value in values]
+
+
+def _divisor_rope(meta: _Metadata, theta: float, divisors: list[float]) -> dict[str, Any]:
+    """Per-frequency divisors as transformers rope parameters.
+
+    transformers names no rope type for them, but its "longrope" with equal short and long
+    factors and attention_factor 1 computes inv_freq[i] = 1 / (divisors[i] * theta^(2i/d)) at
+    every length, which is llama.cpp's rope. enduro's ArchConfig accepts exactly that case, and
+    the config stays loadable by transformers (tests and benchmarks compare against it).
+    """
+    scaling = meta.get("rope.scaling.type")
+    if scaling not in (None, "none"):
+        raise meta.bad("rope.scaling.type", scaling, f"none in a file with {ROPE_FREQS}")
+    return {
+        "rope_type": "longrope",
+        "rope_theta": theta,
+        "short_factor": divisors,
+        "long_factor": divisors,
+        "factor": 1.0,
+        "attention_factor": 1.0,
+        "original_max_position_embeddings": meta.integer("context_length"),
+    }
+
+
 def _qwen2(meta: _Metadata, common: dict[str, Any]) -> dict[str, Any]:
     config = _llama_like(meta, common)
     del config["attention_bias"]  # Qwen2 always has q/k/v biases; its config has no flag
@@ -228,7 +281,7 @@ def _gemma3_layer_types(meta: _Metadata, num_layers: int) -> list[str]:
 
 
 _ARCHITECTURE_CONFIGS: dict[str, Callable[[_Metadata, dict[str, Any]], dict[str, Any]]] = {
-    "llama": _llama_like,
+    "llama": _llama,
     "qwen2": _qwen2,
     "qwen3": _llama_like,
     "glm4": _glm4,

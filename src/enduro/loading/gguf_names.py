@@ -26,6 +26,9 @@ class ArchitectureNames:
     # llama.cpp reorders attn_q / attn_k rows of each head from transformers' half-split rope
     # layout (x[:d/2], x[d/2:]) to the interleaved one its rope kernel expects (x[0::2], x[1::2]).
     rope_permuted: bool = False
+    # Tensors that are configuration, not weights: gguf_config reads them, the weight plan skips
+    # them. In any other architecture such a tensor is refused like any unknown name.
+    config_tensors: frozenset[str] = frozenset()
 
 
 GLOBAL_NAMES: Mapping[str, str] = {
@@ -33,6 +36,9 @@ GLOBAL_NAMES: Mapping[str, str] = {
     "output_norm": "model.norm",
     "output": "lm_head",
 }
+
+# llama.cpp's form of Llama 3 rope scaling: one divisor per rope frequency.
+ROPE_FREQS = "rope_freqs.weight"
 
 _ATTENTION = {
     "attn_q": "self_attn.q_proj",
@@ -47,7 +53,11 @@ _PRE_NORMS = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layern
 
 ARCHITECTURES: Mapping[str, ArchitectureNames] = {
     "llama": ArchitectureNames(
-        "llama", "LlamaForCausalLM", {**_ATTENTION, **_GATED_MLP, **_PRE_NORMS}, rope_permuted=True
+        "llama",
+        "LlamaForCausalLM",
+        {**_ATTENTION, **_GATED_MLP, **_PRE_NORMS},
+        rope_permuted=True,
+        config_tensors=frozenset({ROPE_FREQS}),
     ),
     "qwen2": ArchitectureNames(
         "qwen2", "Qwen2ForCausalLM", {**_ATTENTION, **_GATED_MLP, **_PRE_NORMS}

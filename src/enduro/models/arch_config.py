@@ -9,6 +9,8 @@ are understood.
 from dataclasses import dataclass
 from typing import Any
 
+from enduro.models.rope_config import RopeConfig, rope_config
+
 # config.json `architectures` entries and `model_type` values → registry key.
 ARCHITECTURE_KEYS: dict[str, str] = {
     "LlamaForCausalLM": "llama",
@@ -47,24 +49,6 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
 }
 _ACTIVATIONS = ("silu", "gelu", "gelu_pytorch_tanh")
 _LAYER_TYPES = ("full_attention", "sliding_attention")
-
-
-@dataclass(frozen=True)
-class RopeConfig:
-    """Rotary embedding of one kind of layer (Gemma 3 has two: local and global)."""
-
-    # Base of the inverse frequencies theta^(-2i/rotary_dim).
-    theta: float
-    # Leading dims of each head that rotate; the rest pass through (GLM-4 rotates half).
-    rotary_dim: int
-    # "linear" rope scaling divides every frequency by this; 1.0 for "default".
-    linear_factor: float = 1.0
-    # Rotate pairs (2i, 2i + 1) (GLM-4) instead of (i, i + rotary_dim / 2) (neox style).
-    interleaved: bool = False
-
-    def __post_init__(self) -> None:
-        if self.rotary_dim <= 0 or self.rotary_dim % 2:
-            raise ValueError(f"rotary_dim must be positive and even, got {self.rotary_dim}")
 
 
 @dataclass(frozen=True)
@@ -215,7 +199,13 @@ def _ropes(
         params.setdefault(
             "partial_rotary_factor", d.get("partial_rotary_factor") or default_partial
         )
-        rope = _rope_config(params, head_dim, interleaved=architecture == "glm4")
+        # As transformers: a top-level original length wins, else max_position_embeddings.
+        params["original_max_position_embeddings"] = (
+            d.get("original_max_position_embeddings")
+            or params.get("original_max_position_embeddings")
+            or d.get("max_position_embeddings")
+        )
+        rope = rope_config(params, head_dim, interleaved=architecture == "glm4")
         return (rope,) * len(layer_types)
     # Gemma 3: local layers and global layers have their own base; older configs name them
     # `rope_local_base_freq` and `rope_theta`, and their `rope_scaling` applies to global only.
@@ -226,24 +216,7 @@ def _ropes(
     sliding = dict(nested.get("sliding_attention") or {})
     sliding.setdefault("rope_theta", d.get("rope_local_base_freq") or 10_000.0)
     by_type = {
-        "full_attention": _rope_config(full, head_dim, interleaved=False),
-        "sliding_attention": _rope_config(sliding, head_dim, interleaved=False),
+        "full_attention": rope_config(full, head_dim, interleaved=False),
+        "sliding_attention": rope_config(sliding, head_dim, interleaved=False),
     }
     return tuple(by_type[t] for t in layer_types)
-
-
-def _rope_config(params: dict[str, Any], head_dim: int, interleaved: bool) -> RopeConfig:
-    rope_type = params.get("rope_type") or params.get("type") or "default"
-    if rope_type == "default":
-        factor = 1.0
-    elif rope_type == "linear":
-        factor = float(params["factor"])
-    else:
-        raise ValueError(f"unsupported rope type {rope_type!r}; supported: default, linear")
-    partial = float(params.get("partial_rotary_factor") or 1.0)
-    return RopeConfig(
-        theta=float(params["rope_theta"]),
-        rotary_dim=int(head_dim * partial),
-        linear_factor=factor,
-        interleaved=interleaved,
-    )
