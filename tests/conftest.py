@@ -16,6 +16,7 @@ from transformers import (
     LlamaConfig,
     PretrainedConfig,
     PreTrainedModel,
+    PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen3Config,
 )
@@ -77,15 +78,50 @@ def build_tiny_hf_model(arch: str, seed: int = 0) -> PreTrainedModel:
     return model.eval()
 
 
+TOKENIZER_CORPUS = (
+    "The quick brown fox jumps over the lazy dog.",
+    "Hello world, this is a tiny tokenizer for tests.",
+    "Once upon a time there was a server that ran for weeks without slowing down.",
+    "caf\u00e9 na\u00efve \u65e5\u672c\u8a9e \U0001f600 emoji",
+)
+
+
+def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer whose ids fit the tiny models (pad 0, bos 1, eos 2, < 512).
+
+    Byte level, so any text round-trips, multi-byte characters included.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<pad>", "<bos>", "<eos>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(list(TOKENIZER_CORPUS) * 20, trainer)
+    backend.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", special_tokens=[("<bos>", 1)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>"
+    )
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
-    """`tiny_model_dir(arch)` → an HF directory of that architecture, built once per session."""
+    """`tiny_model_dir(arch)` → an HF directory (weights + tokenizer) of that architecture,
+    built once per session."""
     built: dict[str, Path] = {}
 
     def get(arch: str) -> Path:
         if arch not in built:
             path = tmp_path_factory.mktemp(f"tiny-{arch}")
             build_tiny_hf_model(arch).save_pretrained(path, safe_serialization=True)
+            build_tiny_tokenizer().save_pretrained(path)
             built[arch] = path
         return built[arch]
 
