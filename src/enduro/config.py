@@ -93,3 +93,33 @@ class EngineConfig:
             cache=CacheConfig(**sections["cache"]),
             scheduler=SchedulerConfig(**sections["scheduler"]),
         )
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    """Address to bind; loopback unless told otherwise."""
+    port: int = 8000
+    served_model_name: str | None = None
+    """Model name the API reports and accepts; None = derived from the model path."""
+    api_key: str | None = None
+    """Require `Authorization: Bearer KEY` (or set ENDURO_API_KEY)."""
+    max_body_bytes: int = 1 << 20
+    """Largest request body accepted (413 beyond)."""
+    max_queue: int = 64
+    """Requests waiting for the engine before new ones get 503."""
+    max_queued_tokens: int = 65536
+    """Prompt tokens waiting for the engine before new requests get 503."""
+    max_n: int = 8
+    """Largest `n` (choices per request)."""
+    shutdown_timeout: float = 30.0
+    """Seconds SIGTERM waits for in-flight requests before exiting."""
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port < 65536:
+            raise ValueError("port must be in [0, 65535]")
+        for name in ("max_body_bytes", "max_queue", "max_queued_tokens", "max_n"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
+        if self.shutdown_timeout < 0:
+            raise ValueError("shutdown_timeout must be >= 0")
