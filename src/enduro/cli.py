@@ -1,15 +1,24 @@
-"""`enduro generate | bench` — the command line."""
+"""`enduro serve | generate | bench` — the command line."""
 
+import inspect
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
-from enduro.config import DTYPES
+from enduro.config import (
+    DTYPES,
+    CacheConfig,
+    EngineConfig,
+    ModelConfig,
+    SchedulerConfig,
+    ServerConfig,
+)
+from enduro.config_flags import config_parameters, split_by_class
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks (figures, never assertions).")
@@ -64,6 +73,26 @@ def generate(
         sys.stdout.write(delta)
         sys.stdout.flush()
     sys.stdout.write("\n")
+
+
+def serve(**values: Any) -> None:
+    """Serve the OpenAI-compatible HTTP API; the engine runs in its own process."""
+    model, cache, scheduler, server = split_by_class(values, *SERVE_CONFIGS)
+    try:
+        engine_config = EngineConfig(
+            ModelConfig(**model), CacheConfig(**cache), SchedulerConfig(**scheduler)
+        )
+        server_config = ServerConfig(**server)
+    except ValueError as error:
+        raise typer.BadParameter(str(error)) from error
+    from enduro.server.launcher import run_server
+
+    run_server(engine_config, server_config)
+
+
+SERVE_CONFIGS = (ModelConfig, CacheConfig, SchedulerConfig, ServerConfig)
+serve.__signature__ = inspect.Signature(config_parameters(*SERVE_CONFIGS))  # type: ignore[attr-defined]
+app.command("serve")(serve)
 
 
 @bench_app.command("offline")

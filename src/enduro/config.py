@@ -100,6 +100,7 @@ class ServerConfig:
     host: str = "127.0.0.1"
     """Address to bind; loopback unless told otherwise."""
     port: int = 8000
+    """TCP port to listen on."""
     served_model_name: str | None = None
     """Model name the API reports and accepts; None = derived from the model path."""
     api_key: str | None = None
