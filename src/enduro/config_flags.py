@@ -16,13 +16,16 @@ import typer
 def field_docs(cls: type) -> dict[str, str]:
     """The string literal that follows each field in the class body (its documentation)."""
     tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-    body = tree.body[0].body  # type: ignore[attr-defined]
+    class_def = tree.body[0]
+    assert isinstance(class_def, ast.ClassDef)
     docs: dict[str, str] = {}
-    for node, following in itertools.pairwise(body):
-        is_field = isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
-        is_doc = isinstance(following, ast.Expr) and isinstance(following.value, ast.Constant)
-        if is_field and is_doc and isinstance(following.value.value, str):  # type: ignore[attr-defined]
-            docs[node.target.id] = " ".join(following.value.value.split())  # type: ignore[attr-defined]
+    for node, following in itertools.pairwise(class_def.body):
+        if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
+            continue
+        if isinstance(following, ast.Expr) and isinstance(following.value, ast.Constant):
+            text = following.value.value
+            if isinstance(text, str):
+                docs[node.target.id] = " ".join(text.split())
     return docs
 
 
@@ -51,7 +54,7 @@ def config_parameters(*classes: type) -> list[inspect.Parameter]:
                     item.name,
                     inspect.Parameter.KEYWORD_ONLY,
                     default=_default(item),
-                    annotation=Annotated[item.type, option],  # type: ignore[name-defined]
+                    annotation=Annotated[item.type, option],
                 )
             )
     return parameters
