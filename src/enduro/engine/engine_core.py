@@ -4,25 +4,13 @@ Everything it returns is plain data, so it can cross a process boundary unchange
 """
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 from enduro.config import EngineConfig
 from enduro.core.scheduler import Scheduler
-from enduro.outputs import TokenLogprobs
+from enduro.outputs import EngineCoreOutput
 from enduro.request import FinishReason, Request
 from enduro.runner.model_runner import ModelRunner
 from enduro.sampling_params import SamplingParams
-
-
-@dataclass
-class EngineCoreOutput:
-    request_id: str
-    new_token_ids: list[int] = field(default_factory=list)
-    new_logprobs: list[TokenLogprobs] = field(default_factory=list)
-    new_prompt_logprobs: list[TokenLogprobs] = field(default_factory=list)
-    finish_reason: FinishReason | None = None
-    error: str | None = None
-    num_cached_tokens: int = 0
 
 
 class EngineCore:

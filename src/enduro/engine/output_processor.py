@@ -2,8 +2,7 @@
 
 from dataclasses import dataclass, field
 
-from enduro.engine.engine_core import EngineCoreOutput
-from enduro.outputs import CompletionOutput, RequestOutput, TokenLogprobs
+from enduro.outputs import CompletionOutput, EngineCoreOutput, RequestOutput, TokenLogprobs
 from enduro.request import FinishReason
 from enduro.sampling_params import SamplingParams
 from enduro.tokenizer import IncrementalDetokenizer, StopStringMatcher, Tokenizer

@@ -93,12 +93,13 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, output: SchedulerOutput) -> ModelRunnerOutput:
+        # Finished ids first: a new request may reuse the id of one that just finished.
+        for request_id in output.finished_request_ids:
+            self.states.pop(request_id, None)
         for new in output.new_requests:
             self.states[new.request_id] = self.sampler.new_state(
                 new.sampling_params, new.prompt_token_ids
             )
-        for request_id in output.finished_request_ids:
-            self.states.pop(request_id, None)
         result = ModelRunnerOutput()
         if output.is_empty:
             return result

@@ -1,0 +1,303 @@
+"""The engine process: load the model, warm up, then step whenever there is work.
+
+server/engine_client.py starts it as `python -m enduro.engine.loop --fd N --parent-pid P
+--config JSON`, with its end of a socketpair inherited as fd N. Only the main thread touches
+the engine; a reader thread turns incoming frames into commands on a queue, so the loop
+blocks on the queue when idle and drains it between steps when busy. Frames: server/ipc.py.
+"""
+
+import argparse
+import contextlib
+import ctypes
+import logging
+import os
+import queue
+import signal
+import socket
+import sys
+import threading
+import time
+import traceback
+from types import FrameType
+
+from enduro.config import EngineConfig
+from enduro.core.scheduler import SchedulerStats
+from enduro.engine.engine_core import EngineCore
+from enduro.outputs import EngineCoreOutput
+from enduro.request import FinishReason
+from enduro.sampling_params import SamplingParams
+from enduro.server.ipc import (
+    AbortRequests,
+    AddRequest,
+    EngineStats,
+    ErrorReport,
+    Heartbeat,
+    Message,
+    ModelInfo,
+    ProtocolError,
+    Ready,
+    Shutdown,
+    StepOutputs,
+    decode_config,
+    decode_message,
+    pack_frame,
+    read_frame_sync,
+)
+
+# The client counts on a heartbeat at least every 0.5 s while the loop is between steps.
+HEARTBEAT_INTERVAL = 0.25
+WARMUP_REQUEST_PREFIX = "__warmup__"
+
+log = logging.getLogger("enduro.engine")
+
+
+class ParentGone(Exception):
+    """The socket to the API process is closed: nobody is left to serve."""
+
+
+def send_message(sock: socket.socket, message: Message) -> None:
+    try:
+        sock.sendall(pack_frame(message))
+    except OSError as e:
+        raise ParentGone from e
+
+
+class EngineLoop:
+    def __init__(self, core: EngineCore, sock: socket.socket) -> None:
+        self.core = core
+        self.sock = sock
+        # None marks the end of the incoming stream.
+        self.inbox: queue.Queue[Message | None] = queue.Queue()
+        self.num_prompt_tokens = 0
+        self.num_generation_tokens = 0
+        self.last_step_time: float | None = None
+        self.last_heartbeat = 0.0
+        self.busy_at_heartbeat = False
+
+    def run(self) -> int:
+        """Serve until told to stop; returns the exit status (non-zero after a failure)."""
+        threading.Thread(target=self._read, name="enduro-ipc-reader", daemon=True).start()
+        try:
+            while self._apply_commands():
+                if self.core.has_unfinished_requests():
+                    self._step()
+                self._maybe_heartbeat()
+        except ParentGone:
+            log.info("the API process is gone; exiting")
+        except Exception:
+            # The client restarts the engine; the traceback tells it (and the logs) why.
+            log.exception("the engine loop failed")
+            self._send_quietly(ErrorReport(traceback.format_exc()))
+            return 1
+        return 0
+
+    def send(self, message: Message) -> None:
+        send_message(self.sock, message)
+
+    def _send_quietly(self, message: Message) -> None:
+        with contextlib.suppress(ParentGone):
+            self.send(message)
+
+    # ---- commands ---------------------------------------------------------------------------
+
+    def _read(self) -> None:
+        """Reader thread: frames → commands on the inbox; None once the stream ends."""
+        stream = self.sock.makefile("rb")
+        try:
+            while (frame := read_frame_sync(stream)) is not None:
+                try:
+                    self.inbox.put(decode_message(frame))
+                except ProtocolError as e:  # framing is intact, so skip just this one
+                    log.error("dropped a malformed message: %s", e)
+        except (OSError, ProtocolError) as e:
+            log.error("reading from the API process failed: %s", e)
+        finally:
+            self.inbox.put(None)
+
+    def _apply_commands(self) -> bool:
+        """Apply every pending command, first waiting (until the next heartbeat is due) if
+        there is no work. Returns False when the loop should end."""
+        try:
+            if self.core.has_unfinished_requests():
+                message = self.inbox.get_nowait()
+            else:
+                due = self.last_heartbeat + HEARTBEAT_INTERVAL - time.monotonic()
+                message = self.inbox.get(timeout=max(0.0, due))
+            while self._apply(message):
+                message = self.inbox.get_nowait()
+        except queue.Empty:
+            return True
+        return False
+
+    def _apply(self, message: Message | None) -> bool:
+        if message is None or isinstance(message, Shutdown):
+            return False
+        if isinstance(message, AddRequest):
+            self._add(message)
+        elif isinstance(message, AbortRequests):
+            self.core.finish_requests(message.request_ids, FinishReason.ABORT)
+        else:
+            log.warning("ignored a %s message", type(message).__name__)
+        return True
+
+    def _add(self, message: AddRequest) -> None:
+        try:
+            self.core.add_request(message.request_id, message.prompt_token_ids, message.params)
+        except ValueError as e:  # a duplicate request id: refuse it, keep serving the rest
+            refused = EngineCoreOutput(
+                message.request_id, finish_reason=FinishReason.ERROR, error=str(e)
+            )
+            self.send(StepOutputs([refused]))
+            return
+        self.num_prompt_tokens += len(message.prompt_token_ids)
+
+    # ---- steps and heartbeats ---------------------------------------------------------------
+
+    def _step(self) -> None:
+        outputs = self.core.step()
+        self.last_step_time = time.monotonic()
+        self.num_generation_tokens += sum(len(output.new_token_ids) for output in outputs)
+        if outputs:
+            self.send(StepOutputs(outputs))
+
+    def _maybe_heartbeat(self) -> None:
+        """Every HEARTBEAT_INTERVAL, and at once when work starts or ends, so the client
+        sees a drained engine (after an abort, say) without waiting."""
+        busy = self.core.has_unfinished_requests()
+        now = time.monotonic()
+        if now - self.last_heartbeat < HEARTBEAT_INTERVAL and busy == self.busy_at_heartbeat:
+            return
+        self.send(Heartbeat(self.stats(now)))
+        self.last_heartbeat, self.busy_at_heartbeat = now, busy
+
+    def stats(self, now: float) -> EngineStats:
+        scheduler = self.core.scheduler
+        pool = scheduler.kv_cache_manager.block_pool
+        return EngineStats(
+            time=now,
+            num_steps=scheduler.stats.num_steps,
+            last_step_time=self.last_step_time,
+            num_running=scheduler.num_running,
+            num_waiting=scheduler.num_waiting,
+            num_used_blocks=pool.num_used_blocks,
+            num_cached_blocks=pool.num_cached_blocks,
+            num_free_blocks=pool.num_free_blocks,
+            num_blocks=pool.num_blocks,
+            num_preemptions=scheduler.stats.num_preemptions,
+            num_prefix_queries=scheduler.stats.num_prefix_queries,
+            num_prefix_hits=scheduler.stats.num_prefix_hits,
+            num_prompt_tokens=self.num_prompt_tokens,
+            num_prefill_tokens=scheduler.stats.num_prefill_tokens,
+            num_generation_tokens=self.num_generation_tokens,
+        )
+
+
+# ---- start-up -------------------------------------------------------------------------------
+
+
+def warm_up(core: EngineCore) -> None:
+    """Run each batch shape the loop will see once — a full prefill chunk, a one-request
+    decode, a max_num_seqs-wide decode — so the first real request pays no first-call costs
+    (allocator growth, kernel selection). Then forget them: cache, counters and all."""
+    scheduler_config = core.config.scheduler
+    vocab_size = core.runner.arch.vocab_size
+    capacity = core.runner.num_blocks * core.config.cache.block_size
+    # Prompt + 2 tokens must fit the context, and all but the last token the pool.
+    prompt_len = min(
+        scheduler_config.max_num_batched_tokens, core.runner.max_model_len - 2, capacity - 1
+    )
+    prompt = [i % vocab_size for i in range(max(1, prompt_len))]
+    _run_dummy_requests(core, "prefill", [prompt])  # a full chunk, then a decode of one
+    width = scheduler_config.max_num_seqs
+    _run_dummy_requests(core, "decode", [[i % vocab_size] for i in range(width)])
+    pool = core.scheduler.kv_cache_manager.block_pool
+    pool.reset_prefix_cache()
+    pool.num_evictions = 0
+    core.scheduler.stats = SchedulerStats()
+
+
+def _run_dummy_requests(core: EngineCore, name: str, prompts: list[list[int]]) -> None:
+    # Greedy, so the shared sampling generator that unseeded requests draw from is untouched.
+    params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
+    # Ids unique across rounds: the runner must not see a finished id come back.
+    request_ids = [f"{WARMUP_REQUEST_PREFIX}{name}-{i}" for i in range(len(prompts))]
+    for request_id, prompt in zip(request_ids, prompts, strict=True):
+        core.add_request(request_id, prompt, params)
+    for _ in range(4 * len(prompts) + 8):  # enough to finish them; never loop forever
+        if not core.has_unfinished_requests():
+            break
+        core.step()
+    core.finish_requests(request_ids, FinishReason.ABORT)
+
+
+def model_info(core: EngineCore) -> ModelInfo:
+    runner = core.runner
+    tokenizer_dir = runner.files.tokenizer_dir
+    return ModelInfo(
+        source=str(runner.files.source),
+        max_model_len=runner.max_model_len,
+        vocab_size=runner.arch.vocab_size,
+        eos_token_ids=tuple(runner.arch.eos_token_ids),
+        tokenizer_dir=str(tokenizer_dir) if tokenizer_dir is not None else None,
+        num_blocks=runner.num_blocks,
+        block_size=core.config.cache.block_size,
+    )
+
+
+def _log_progress(stage: str, done: int, total: int) -> None:
+    if done == total:
+        log.info("%s: %d/%d", stage, done, total)
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Never outlive the API process. Linux sends PDEATHSIG when the *thread* that forked us
+    exits, so the client must spawn from its event-loop thread (it does)."""
+    if sys.platform == "linux":
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        raise SystemExit("the API process is gone")
+
+
+def _exit_quietly(signum: int, frame: FrameType | None) -> None:
+    # The API process drives orderly shutdown; a signal here just ends the engine, no traceback.
+    raise SystemExit(0)
+
+
+def _start(sock: socket.socket, config: EngineConfig) -> EngineLoop | None:
+    started = time.monotonic()
+    try:
+        core = EngineCore(config, _log_progress)
+        warm_up(core)
+    except Exception:
+        log.exception("the engine failed to start")
+        send_message(sock, ErrorReport(traceback.format_exc()))
+        return None
+    loop = EngineLoop(core, sock)
+    loop.send(Ready(model_info(core)))
+    log.info("ready in %.1f s", time.monotonic() - started)
+    return loop
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="enduro engine process (started by the server)")
+    parser.add_argument("--fd", type=int, required=True, help="inherited socket to the server")
+    parser.add_argument("--parent-pid", type=int, required=True)
+    parser.add_argument("--config", required=True, help="EngineConfig as JSON")
+    args = parser.parse_args(argv)
+    _die_with_parent(args.parent_pid)
+    logging.basicConfig(
+        stream=sys.stderr, level=logging.INFO, format="engine %(process)d: %(message)s"
+    )
+    signal.signal(signal.SIGTERM, _exit_quietly)
+    signal.signal(signal.SIGINT, _exit_quietly)
+    sock = socket.socket(fileno=args.fd)
+    try:
+        loop = _start(sock, decode_config(args.config))
+    except ParentGone:
+        return 0
+    return loop.run() if loop is not None else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
