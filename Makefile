@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml | $(BIN)/python
 setup: $(STAMP)
 
 serve: $(STAMP)
-	$(BIN)/enduro generate "The quick brown fox" --max-tokens 64
+	$(BIN)/enduro serve
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests

@@ -22,6 +22,17 @@ class Tokenizer:
         return int(token_id) if token_id is not None else None
 
     @property
+    def bos_token(self) -> str:
+        """The BOS token's text ('' when there is none), as chat templates use it."""
+        token = self._hf.bos_token
+        return token if isinstance(token, str) else ""
+
+    @property
+    def eos_token(self) -> str:
+        token = self._hf.eos_token
+        return token if isinstance(token, str) else ""
+
+    @property
     def vocab_size(self) -> int:
         return len(self._hf)
 

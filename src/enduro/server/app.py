@@ -1,0 +1,66 @@
+"""The OpenAI-compatible HTTP API: `create_app(engine, tokenizer, model_info, config)`.
+
+Middleware, outermost first: request id (and last-resort 500) → header caps (431) → path
+normalisation and API key (401) → body cap (413). Then FastAPI: pydantic validation (400),
+the routes, and the error handlers that put every error in OpenAI's envelope.
+
+`app.state.draining = True` (set by the SIGTERM handler) makes /ready and new generation
+requests answer 503 while requests in flight finish.
+"""
+
+import os
+import time
+
+from fastapi import FastAPI
+
+from enduro import __version__
+from enduro.chat_template import ChatTemplate
+from enduro.config import ServerConfig
+from enduro.server import routes_chat, routes_completions, routes_status, routes_tokens
+from enduro.server.admission import Admission
+from enduro.server.auth import AuthMiddleware
+from enduro.server.context import Engine, ServerContext, model_names
+from enduro.server.engine_client import ModelInfo
+from enduro.server.errors import install_error_handlers
+from enduro.server.middleware import BodyLimitMiddleware, HeaderLimitMiddleware, RequestIdMiddleware
+from enduro.server.routes_common import customize_openapi
+from enduro.tokenizer import Tokenizer
+
+API_KEY_ENV = "ENDURO_API_KEY"
+
+
+def create_app(
+    engine: Engine, tokenizer: Tokenizer, model_info: ModelInfo, config: ServerConfig
+) -> FastAPI:
+    app = FastAPI(title="enduro", version=__version__, summary="OpenAI-compatible LLM server")
+    app.state.context = build_context(engine, tokenizer, model_info, config)
+    app.state.draining = False
+    for module in (routes_completions, routes_chat, routes_tokens, routes_status):
+        app.include_router(module.router)
+    install_error_handlers(app)
+    customize_openapi(app)
+    # add_middleware puts each new one outermost, so this is innermost-first.
+    app.add_middleware(BodyLimitMiddleware, max_body_bytes=config.max_body_bytes)
+    app.add_middleware(AuthMiddleware, api_key=config.api_key or os.environ.get(API_KEY_ENV))
+    app.add_middleware(HeaderLimitMiddleware)
+    app.add_middleware(RequestIdMiddleware)
+    return app
+
+
+def build_context(
+    engine: Engine, tokenizer: Tokenizer, model_info: ModelInfo, config: ServerConfig
+) -> ServerContext:
+    served, accepted = model_names(model_info, config)
+    return ServerContext(
+        engine=engine,
+        tokenizer=tokenizer,
+        model_info=model_info,
+        config=config,
+        chat_template=ChatTemplate(
+            tokenizer.chat_template, tokenizer.bos_token, tokenizer.eos_token
+        ),
+        admission=Admission(config.max_queue, config.max_queued_tokens),
+        served_model_name=served,
+        accepted_model_names=accepted,
+        created=int(time.time()),
+    )
