@@ -231,6 +231,7 @@ class ScriptedEngine:
         self.token_ids = token_ids
         self.is_ready = True
         self.is_healthy = True
+        self.num_restarts = 0
         self.aborted: list[str] = []
 
     async def generate(

@@ -43,7 +43,8 @@ def sse_events(text: str) -> list[str]:
 
 
 def test_probes_follow_the_engine(client: TestClient, engine: InProcessEngineClient) -> None:
-    assert client.get("/health").json() == {"status": "ok"}
+    engine.num_restarts = 2
+    assert client.get("/health").json() == {"status": "ok", "engine_restarts": 2}
     assert client.get("/ready").json() == {"status": "ok"}
     engine.is_healthy = False
     assert_envelope(client.get("/health"), 503)

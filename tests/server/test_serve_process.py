@@ -140,6 +140,7 @@ def test_engine_kill_is_followed_by_restart(tiny_server: ServerProcess) -> None:
     os.kill(engine_pid, signal.SIGKILL)
     assert wait_until(lambda: status(f"{tiny_server.url}/health") == 503, 10)
     assert wait_until(lambda: status(f"{tiny_server.url}/health") == 200, 120)
+    assert httpx.get(f"{tiny_server.url}/health").json()["engine_restarts"] == 1
     assert wait_until(lambda: status(f"{tiny_server.url}/ready") == 200, 120)
     client = tiny_server.client()
     model = client.models.list().data[0].id

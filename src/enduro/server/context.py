@@ -37,6 +37,9 @@ class Engine(Protocol):
     @property
     def is_healthy(self) -> bool: ...
 
+    @property
+    def num_restarts(self) -> int: ...
+
 
 def model_names(model_info: ModelInfo, config: ServerConfig) -> tuple[str, frozenset[str]]:
     """(the name the API reports, every name a request may use): the served name if one is

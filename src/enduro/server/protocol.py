@@ -261,6 +261,10 @@ class StatusResponse(BaseModel):
     status: Literal["ok"] = "ok"
 
 
+class HealthResponse(StatusResponse):
+    engine_restarts: int = Field(description="times the engine process died and was restarted")
+
+
 class VersionResponse(BaseModel):
     version: str
 

@@ -6,6 +6,7 @@ from enduro import __version__
 from enduro.server.context import Context
 from enduro.server.errors import APIError
 from enduro.server.protocol import (
+    HealthResponse,
     ModelCard,
     ModelList,
     StatusResponse,
@@ -29,12 +30,12 @@ async def list_models(context: Context) -> ModelList:
     return ModelList(data=[card])
 
 
-@router.get("/health", response_model=StatusResponse, responses=PROBE_RESPONSES)
-async def health(context: Context) -> StatusResponse:
+@router.get("/health", response_model=HealthResponse, responses=PROBE_RESPONSES)
+async def health(context: Context) -> HealthResponse:
     """200 while the engine is alive and making progress; 503 otherwise."""
     if not context.engine.is_healthy:
         raise APIError(503, "the engine is not healthy", code="unhealthy")
-    return StatusResponse()
+    return HealthResponse(engine_restarts=context.engine.num_restarts)
 
 
 @router.get("/ready", response_model=StatusResponse, responses=PROBE_RESPONSES)
