@@ -30,6 +30,11 @@ DEFAULT_CHAT_TEMPLATE = r"""{{ bos_token }}
 """
 
 
+# Tokens that close an assistant turn in common chat formats (Gemma, ChatML, Llama 3, Phi).
+# A chat reply stops at whichever of these the vocabulary has, besides EOS.
+END_OF_TURN_TOKENS = ("<end_of_turn>", "<|im_end|>", "<|eot_id|>", "<|end|>")
+
+
 class ChatTemplateError(ValueError):
     """The template refused these messages; the message is safe to show the client."""
 

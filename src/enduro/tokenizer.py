@@ -41,6 +41,12 @@ class Tokenizer:
         template = getattr(self._hf, "chat_template", None)
         return template if isinstance(template, str) else None
 
+    def token_id(self, token: str) -> int | None:
+        """The id of a token given by its exact text (e.g. "<end_of_turn>"), if it has one."""
+        token_id = self._hf.convert_tokens_to_ids(token)
+        unknown = self._hf.unk_token_id
+        return token_id if isinstance(token_id, int) and token_id != unknown else None
+
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         ids: list[int] = self._hf.encode(text, add_special_tokens=add_special_tokens)
         return ids

@@ -14,7 +14,7 @@ import time
 from fastapi import FastAPI
 
 from enduro import __version__
-from enduro.chat_template import ChatTemplate
+from enduro.chat_template import END_OF_TURN_TOKENS, ChatTemplate
 from enduro.config import ServerConfig
 from enduro.server import routes_chat, routes_completions, routes_status, routes_tokens
 from enduro.server.admission import Admission
@@ -58,6 +58,11 @@ def build_context(
         config=config,
         chat_template=ChatTemplate(
             tokenizer.chat_template, tokenizer.bos_token, tokenizer.eos_token
+        ),
+        chat_stop_token_ids=tuple(
+            token_id
+            for token_id in map(tokenizer.token_id, END_OF_TURN_TOKENS)
+            if token_id is not None
         ),
         admission=Admission(config.max_queue, config.max_queued_tokens),
         served_model_name=served,

@@ -56,6 +56,7 @@ class ServerContext:
     model_info: ModelInfo
     config: ServerConfig
     chat_template: ChatTemplate
+    chat_stop_token_ids: tuple[int, ...]  # end-of-turn tokens: a chat reply stops at them
     admission: Admission
     served_model_name: str
     accepted_model_names: frozenset[str]

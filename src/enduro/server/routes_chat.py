@@ -53,7 +53,10 @@ async def create_chat_completion(
     def max_tokens_for(prompt: Prompt) -> int:
         return resolve_max_tokens(context, prompt, requested)
 
-    options = EngineOptions(logprobs=(body.top_logprobs or 0) if body.logprobs else None)
+    options = EngineOptions(
+        logprobs=(body.top_logprobs or 0) if body.logprobs else None,
+        stop_token_ids=context.chat_stop_token_ids,
+    )
     request_id = request_id_of(request.scope)
     specs = choice_specs(context, request_id, body, [prompt], max_tokens_for, options)
     formatter = ChatFormatter(context, body, f"chatcmpl-{request_id}", prompt)

@@ -17,6 +17,7 @@ class EngineOptions:
 
     logprobs: int | None = None
     prompt_logprobs: int | None = None
+    stop_token_ids: tuple[int, ...] = ()
 
 
 MaxTokensFor = Callable[[Prompt], int]
@@ -67,6 +68,7 @@ def sampling_params(
             repetition_penalty=body.repetition_penalty,
             seed=seed,
             stop=stop,
+            stop_token_ids=options.stop_token_ids,
             ignore_eos=body.ignore_eos,
             logprobs=options.logprobs,
             prompt_logprobs=options.prompt_logprobs,
