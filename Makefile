@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup serve test lint bench clean
+.PHONY: setup system-deps serve test lint bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -12,10 +12,20 @@ $(BIN)/python:
 
 # Reinstall only when the dependency list changes.
 $(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e '.[dev,tracing]'
 	touch $(STAMP)
 
 setup: $(STAMP)
+
+# Tools the tests drive: promtool (Debian's prometheus) and a headless Chromium. Installed
+# once, with apt (as root, or through sudo).
+SYSTEM_TOOLS := /usr/bin/promtool /usr/bin/chromium
+$(SYSTEM_TOOLS):
+	@if [ "$$(id -u)" = 0 ]; then sudo=; else sudo=sudo; fi; \
+	$$sudo apt-get update -qq && \
+	DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq prometheus chromium
+
+system-deps: $(SYSTEM_TOOLS)
 
 serve: $(STAMP)
 	$(BIN)/enduro serve
@@ -25,7 +35,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check src tests
 	$(BIN)/mypy
 
-test: lint
+test: lint system-deps
 	$(BIN)/pytest -q
 
 bench: $(STAMP)
