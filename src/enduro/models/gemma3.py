@@ -7,13 +7,10 @@ with their own rope base; gelu (tanh) MLP; tied embeddings; optional final-logit
 """
 
 import torch
-from torch import nn
 
 from enduro.models.arch_config import ArchConfig
-from enduro.models.attention import Attention, KVCache
-from enduro.models.attention_metadata import AttentionMetadata
 from enduro.models.base import CausalLM
-from enduro.models.layers import GatedMLP, RMSNorm
+from enduro.models.decoder_layers import SandwichNormDecoderLayer
 from enduro.models.weight_loader import CheckpointNames
 
 _ATTN = "model.layers.{i}.self_attn"
@@ -41,42 +38,10 @@ CHECKPOINT_NAMES: CheckpointNames = {
 }
 
 
-class Gemma3DecoderLayer(nn.Module):
-    def __init__(self, arch: ArchConfig, layer: int) -> None:
-        super().__init__()
-        hidden, eps = arch.hidden_size, arch.rms_norm_eps
-        self.input_norm = RMSNorm(hidden, eps, arch.norm_unit_offset)
-        self.self_attn = Attention(
-            hidden,
-            arch.num_heads,
-            arch.num_kv_heads,
-            arch.head_dim,
-            scale=arch.attn_scale,
-            sliding_window=arch.sliding_windows[layer],
-            qkv_bias=arch.qkv_bias,
-            o_proj_bias=arch.o_proj_bias,
-            qk_norm=arch.qk_norm,
-            norm_eps=eps,
-            norm_unit_offset=arch.norm_unit_offset,
-        )
-        self.post_attn_norm = RMSNorm(hidden, eps, arch.norm_unit_offset)
-        self.pre_mlp_norm = RMSNorm(hidden, eps, arch.norm_unit_offset)
-        self.mlp = GatedMLP(hidden, arch.intermediate_size, arch.hidden_act, bias=False)
-        self.post_mlp_norm = RMSNorm(hidden, eps, arch.norm_unit_offset)
-
-    def forward(
-        self,
-        x: torch.Tensor,
-        rope: tuple[torch.Tensor, torch.Tensor],
-        attn: AttentionMetadata,
-        kv_cache: KVCache,
-    ) -> torch.Tensor:
-        h = x + self.post_attn_norm(self.self_attn(self.input_norm(x), rope, attn, kv_cache))
-        return h + self.post_mlp_norm(self.mlp(self.pre_mlp_norm(h)))
-
-
 class Gemma3ForCausalLM(CausalLM):
     checkpoint_names = CHECKPOINT_NAMES
 
     def __init__(self, arch: ArchConfig, dtype: torch.dtype) -> None:
-        super().__init__(arch, dtype, [Gemma3DecoderLayer(arch, i) for i in range(arch.num_layers)])
+        super().__init__(
+            arch, dtype, [SandwichNormDecoderLayer(arch, i) for i in range(arch.num_layers)]
+        )

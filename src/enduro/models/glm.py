@@ -6,13 +6,10 @@ only, rotating adjacent pairs (2i, 2i + 1); gate and up already fused in the che
 """
 
 import torch
-from torch import nn
 
 from enduro.models.arch_config import ArchConfig
-from enduro.models.attention import Attention, KVCache
-from enduro.models.attention_metadata import AttentionMetadata
 from enduro.models.base import CausalLM
-from enduro.models.layers import GatedMLP, RMSNorm
+from enduro.models.decoder_layers import SandwichNormDecoderLayer
 from enduro.models.weight_loader import CheckpointNames
 
 _ATTN = "model.layers.{i}.self_attn"
@@ -38,40 +35,10 @@ CHECKPOINT_NAMES: CheckpointNames = {
 }
 
 
-class Glm4DecoderLayer(nn.Module):
-    def __init__(self, arch: ArchConfig, layer: int) -> None:
-        super().__init__()
-        hidden, eps = arch.hidden_size, arch.rms_norm_eps
-        self.input_norm = RMSNorm(hidden, eps)
-        self.self_attn = Attention(
-            hidden,
-            arch.num_heads,
-            arch.num_kv_heads,
-            arch.head_dim,
-            scale=arch.attn_scale,
-            sliding_window=arch.sliding_windows[layer],
-            qkv_bias=arch.qkv_bias,
-            o_proj_bias=arch.o_proj_bias,
-            rope_interleaved=arch.ropes[layer].interleaved,
-        )
-        self.post_attn_norm = RMSNorm(hidden, eps)
-        self.pre_mlp_norm = RMSNorm(hidden, eps)
-        self.mlp = GatedMLP(hidden, arch.intermediate_size, arch.hidden_act, bias=False)
-        self.post_mlp_norm = RMSNorm(hidden, eps)
-
-    def forward(
-        self,
-        x: torch.Tensor,
-        rope: tuple[torch.Tensor, torch.Tensor],
-        attn: AttentionMetadata,
-        kv_cache: KVCache,
-    ) -> torch.Tensor:
-        h = x + self.post_attn_norm(self.self_attn(self.input_norm(x), rope, attn, kv_cache))
-        return h + self.post_mlp_norm(self.mlp(self.pre_mlp_norm(h)))
-
-
 class Glm4ForCausalLM(CausalLM):
     checkpoint_names = CHECKPOINT_NAMES
 
     def __init__(self, arch: ArchConfig, dtype: torch.dtype) -> None:
-        super().__init__(arch, dtype, [Glm4DecoderLayer(arch, i) for i in range(arch.num_layers)])
+        super().__init__(
+            arch, dtype, [SandwichNormDecoderLayer(arch, i) for i in range(arch.num_layers)]
+        )

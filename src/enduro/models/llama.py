@@ -4,13 +4,10 @@ Qwen2 adds a bias to q/k/v (`qkv_bias`), Qwen3 normalises q and k per head (`qk_
 """
 
 import torch
-from torch import nn
 
 from enduro.models.arch_config import ArchConfig
-from enduro.models.attention import Attention, KVCache
-from enduro.models.attention_metadata import AttentionMetadata
 from enduro.models.base import CausalLM
-from enduro.models.layers import GatedMLP, RMSNorm
+from enduro.models.decoder_layers import PreNormDecoderLayer
 from enduro.models.weight_loader import CheckpointNames
 
 CHECKPOINT_NAMES: CheckpointNames = {
@@ -38,40 +35,10 @@ CHECKPOINT_NAMES: CheckpointNames = {
 }
 
 
-class LlamaDecoderLayer(nn.Module):
-    def __init__(self, arch: ArchConfig, layer: int) -> None:
-        super().__init__()
-        self.input_norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
-        self.self_attn = Attention(
-            arch.hidden_size,
-            arch.num_heads,
-            arch.num_kv_heads,
-            arch.head_dim,
-            scale=arch.attn_scale,
-            sliding_window=arch.sliding_windows[layer],
-            qkv_bias=arch.qkv_bias,
-            o_proj_bias=arch.o_proj_bias,
-            qk_norm=arch.qk_norm,
-            norm_eps=arch.rms_norm_eps,
-        )
-        self.mlp_norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
-        self.mlp = GatedMLP(
-            arch.hidden_size, arch.intermediate_size, arch.hidden_act, arch.mlp_bias
-        )
-
-    def forward(
-        self,
-        x: torch.Tensor,
-        rope: tuple[torch.Tensor, torch.Tensor],
-        attn: AttentionMetadata,
-        kv_cache: KVCache,
-    ) -> torch.Tensor:
-        h = x + self.self_attn(self.input_norm(x), rope, attn, kv_cache)
-        return h + self.mlp(self.mlp_norm(h))
-
-
 class LlamaForCausalLM(CausalLM):
     checkpoint_names = CHECKPOINT_NAMES
 
     def __init__(self, arch: ArchConfig, dtype: torch.dtype) -> None:
-        super().__init__(arch, dtype, [LlamaDecoderLayer(arch, i) for i in range(arch.num_layers)])
+        super().__init__(
+            arch, dtype, [PreNormDecoderLayer(arch, i) for i in range(arch.num_layers)]
+        )

@@ -1,0 +1,74 @@
+"""The two decoder-layer shapes every supported architecture uses; the rest are flags.
+
+- pre-norm (Llama, Qwen2, Qwen3): x + attn(norm(x)), then h + mlp(norm(h));
+- sandwich-norm (Gemma 3, GLM-4): each sublayer's output is normalised again before the
+  residual add.
+"""
+
+import torch
+from torch import nn
+
+from enduro.models.arch_config import ArchConfig
+from enduro.models.attention import Attention, KVCache
+from enduro.models.attention_metadata import AttentionMetadata
+from enduro.models.layers import GatedMLP, RMSNorm
+
+Rope = tuple[torch.Tensor, torch.Tensor]
+
+
+def layer_attention(arch: ArchConfig, layer: int) -> Attention:
+    """The attention of layer `layer`, every architecture difference read from `arch`."""
+    return Attention(
+        arch.hidden_size,
+        arch.num_heads,
+        arch.num_kv_heads,
+        arch.head_dim,
+        scale=arch.attn_scale,
+        sliding_window=arch.sliding_windows[layer],
+        qkv_bias=arch.qkv_bias,
+        o_proj_bias=arch.o_proj_bias,
+        qk_norm=arch.qk_norm,
+        norm_eps=arch.rms_norm_eps,
+        norm_unit_offset=arch.norm_unit_offset,
+        rope_interleaved=arch.ropes[layer].interleaved,
+    )
+
+
+def layer_norm(arch: ArchConfig) -> RMSNorm:
+    return RMSNorm(arch.hidden_size, arch.rms_norm_eps, arch.norm_unit_offset)
+
+
+def layer_mlp(arch: ArchConfig) -> GatedMLP:
+    return GatedMLP(arch.hidden_size, arch.intermediate_size, arch.hidden_act, arch.mlp_bias)
+
+
+class PreNormDecoderLayer(nn.Module):
+    def __init__(self, arch: ArchConfig, layer: int) -> None:
+        super().__init__()
+        self.input_norm = layer_norm(arch)
+        self.self_attn = layer_attention(arch, layer)
+        self.mlp_norm = layer_norm(arch)
+        self.mlp = layer_mlp(arch)
+
+    def forward(
+        self, x: torch.Tensor, rope: Rope, attn: AttentionMetadata, kv_cache: KVCache
+    ) -> torch.Tensor:
+        h = x + self.self_attn(self.input_norm(x), rope, attn, kv_cache)
+        return h + self.mlp(self.mlp_norm(h))
+
+
+class SandwichNormDecoderLayer(nn.Module):
+    def __init__(self, arch: ArchConfig, layer: int) -> None:
+        super().__init__()
+        self.input_norm = layer_norm(arch)
+        self.self_attn = layer_attention(arch, layer)
+        self.post_attn_norm = layer_norm(arch)
+        self.pre_mlp_norm = layer_norm(arch)
+        self.mlp = layer_mlp(arch)
+        self.post_mlp_norm = layer_norm(arch)
+
+    def forward(
+        self, x: torch.Tensor, rope: Rope, attn: AttentionMetadata, kv_cache: KVCache
+    ) -> torch.Tensor:
+        h = x + self.post_attn_norm(self.self_attn(self.input_norm(x), rope, attn, kv_cache))
+        return h + self.post_mlp_norm(self.mlp(self.pre_mlp_norm(h)))
