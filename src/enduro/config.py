@@ -7,6 +7,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+LOG_FORMATS = ("text", "json")
 
 
 @dataclass(frozen=True)
@@ -115,10 +116,24 @@ class ServerConfig:
     """Largest `n` (choices per request)."""
     shutdown_timeout: float = 30.0
     """Seconds SIGTERM waits for in-flight requests before exiting."""
+    metrics_port: int | None = None
+    """Also serve GET /metrics, without the API key, on this port (same host)."""
+    log_format: str = "text"
+    """Log lines as text, or json (one object per line: one per request, one per engine
+    event)."""
+    log_prompts: bool = False
+    """Put prompt text in the request log lines (off by default: prompts may be personal)."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536:
             raise ValueError("port must be in [0, 65535]")
+        if self.metrics_port is not None:
+            if not 0 < self.metrics_port < 65536:
+                raise ValueError("metrics_port must be in [1, 65535]")
+            if self.metrics_port == self.port:
+                raise ValueError("metrics_port must differ from port")
+        if self.log_format not in LOG_FORMATS:
+            raise ValueError(f"log_format must be one of {', '.join(LOG_FORMATS)}")
         for name in ("max_body_bytes", "max_queue", "max_queued_tokens", "max_n"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")

@@ -56,3 +56,6 @@ class EngineCoreOutput:
     finish_reason: FinishReason | None = None
     error: str | None = None
     num_cached_tokens: int = 0
+    # On the request's first output only: when the engine first scheduled it, in
+    # time.monotonic() seconds (CLOCK_MONOTONIC, shared by the processes of one host).
+    first_scheduled_time: float | None = None

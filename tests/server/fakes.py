@@ -19,6 +19,7 @@ from typing import Any
 import torch
 import uvicorn
 from fastapi import FastAPI
+from prometheus_client import CollectorRegistry
 
 from enduro.config import EngineConfig, ServerConfig
 from enduro.engine.engine_core import EngineCore
@@ -26,7 +27,7 @@ from enduro.outputs import EngineCoreOutput
 from enduro.request import FinishReason
 from enduro.sampling_params import SamplingParams
 from enduro.server.app import create_app
-from enduro.server.engine_client import EngineDeadError, ModelInfo
+from enduro.server.engine_client import EngineDeadError, EngineStats, ModelInfo
 from enduro.tokenizer import Tokenizer
 
 Item = EngineCoreOutput | EngineDeadError
@@ -64,11 +65,13 @@ class InProcessEngineClient:
             tokenizer_dir=str(tokenizer_dir) if tokenizer_dir is not None else None,
             num_blocks=runner.num_blocks,
             block_size=runner.block_size,
+            dtype=str(runner.dtype).removeprefix("torch."),
         )
         self.is_ready = True
         self.is_healthy = True
         self.num_restarts = 0
-        self.stats: Any = None
+        self.stats: EngineStats | None = None  # no heartbeats: tests set it to what they need
+        self.pid: int | None = None  # no engine process
         self.step_delay = step_delay  # seconds slept after each step: makes requests "long"
         self.die_after_outputs: int | None = None  # then every request gets EngineDeadError
         self.aborted: list[str] = []
@@ -213,13 +216,28 @@ def tiny_engine(
     )
 
 
-def tiny_app(engine: InProcessEngineClient, **server_options: Any) -> FastAPI:
-    """The API over `engine`, serving the model as "tiny"."""
+def tiny_app(
+    engine: InProcessEngineClient,
+    *,
+    registry: CollectorRegistry | None = None,
+    tracer_provider: Any | None = None,
+    **server_options: Any,
+) -> FastAPI:
+    """The API over `engine`, serving the model as "tiny"; metrics into `registry` (a new one
+    by default), spans to `tracer_provider` (by default none: no OTEL_* variables in tests)."""
     assert engine.model_info.tokenizer_dir is not None
     tokenizer = Tokenizer(Path(engine.model_info.tokenizer_dir))
     options: dict[str, Any] = {"served_model_name": "tiny"}
     options.update(server_options)
-    return create_app(engine, tokenizer, engine.model_info, ServerConfig(**options))
+    config = ServerConfig(**options)
+    return create_app(
+        engine,
+        tokenizer,
+        engine.model_info,
+        config,
+        registry=registry,
+        tracer_provider=tracer_provider,
+    )
 
 
 class ScriptedEngine:
@@ -232,6 +250,8 @@ class ScriptedEngine:
         self.is_ready = True
         self.is_healthy = True
         self.num_restarts = 0
+        self.stats: EngineStats | None = None
+        self.pid: int | None = None
         self.aborted: list[str] = []
 
     async def generate(

@@ -16,6 +16,6 @@ def test_chat_replies_stop_at_the_end_of_turn_tokens_the_vocabulary_has(tmp_path
     end_of_turn = tokenizer.token_id("<end_of_turn>")
     assert end_of_turn is not None
     assert tokenizer.token_id("<|im_end|>") is None
-    info = ModelInfo("/models/scripted", 1024, 512, (2,), None, 256, 4)
+    info = ModelInfo("/models/scripted", 1024, 512, (2,), None, 256, 4, "float32")
     context = build_context(ScriptedEngine(info, [5]), tokenizer, info, ServerConfig())
     assert context.chat_stop_token_ids == (end_of_turn,)

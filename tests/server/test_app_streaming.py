@@ -25,7 +25,7 @@ def tokenizer(tiny_model_dir: Callable[[str], Path]) -> Tokenizer:
 
 def scripted_client(tokenizer: Tokenizer, text: str) -> tuple[TestClient, ScriptedEngine]:
     token_ids = tokenizer.encode(text, add_special_tokens=False)
-    info = ModelInfo("/models/scripted", 1024, 512, (2,), None, 256, 4)
+    info = ModelInfo("/models/scripted", 1024, 512, (2,), None, 256, 4, "float32")
     engine = ScriptedEngine(info, token_ids)
     app = create_app(engine, tokenizer, info, ServerConfig())
     return TestClient(app), engine

@@ -127,6 +127,7 @@ async def test_generate_matches_offline_llm(client: EngineClient, offline: LLM) 
         tokenizer_dir=source,
         num_blocks=512,
         block_size=4,
+        dtype="float32",
     )
 
 
@@ -346,6 +347,7 @@ class StubCore:
         self.scheduler = Scheduler(SchedulerConfig(), CacheConfig(block_size=4), 16, 64)
         self.num_tokens: dict[str, int] = {}
         self.fail = fail
+        self.kv_cache_bytes = 16 * 4096
 
     def add_request(self, request_id: str, prompt: list[int], params: SamplingParams) -> None:
         if request_id in self.num_tokens:
@@ -362,6 +364,7 @@ class StubCore:
     def step(self) -> list[EngineCoreOutput]:
         if self.fail:
             raise RuntimeError("boom")
+        time.sleep(0.005)  # a step takes time: commands sent together arrive mid-request
         self.scheduler.stats.num_steps += 1
         outputs = []
         for request_id in list(self.num_tokens):
@@ -411,8 +414,11 @@ def test_loop_serves_heartbeats_and_exits_on_eof() -> None:
     # Idle: a heartbeat every 0.25 s, not a busy loop sending (and stepping) nonstop.
     assert 0.4 < time.monotonic() - started < 10.0  # generous: CI machines are loaded
     assert all(isinstance(b, Heartbeat) and b.stats.num_steps == 0 for b in beats)
-    sock.sendall(pack_frame(AddRequest("r", [1, 2], GREEDY)))
-    sock.sendall(pack_frame(AddRequest("r", [3], GREEDY)))  # refused; the first goes on
+    # One write, so the duplicate arrives while the first is in flight: refused, the first
+    # goes on.
+    sock.sendall(
+        pack_frame(AddRequest("r", [1, 2], GREEDY)) + pack_frame(AddRequest("r", [3], GREEDY))
+    )
     outputs: list[EngineCoreOutput] = []
     while len(outputs) < 4:
         message = next_message(stream, StepOutputs)

@@ -62,6 +62,7 @@ OUTPUTS = [
     EngineCoreOutput("b", new_prompt_logprobs=[LOGPROBS, LOGPROBS]),
     EngineCoreOutput("c", new_token_ids=[2], finish_reason=FinishReason.STOP),
     EngineCoreOutput("d", finish_reason=FinishReason.ERROR, error="prompt too long"),
+    EngineCoreOutput("e", new_token_ids=[7], first_scheduled_time=1234.000125),
 ]
 STATS = EngineStats(
     time=12.5,
@@ -79,14 +80,19 @@ STATS = EngineStats(
     num_prompt_tokens=40,
     num_prefill_tokens=24,
     num_generation_tokens=9,
+    kv_cache_fragmentation=0.375,
+    kv_cache_bytes=1 << 20,
+    python_heap_bytes=None,
+    step_seconds_counts=[0, 1, 2, *[0] * 14, 1],
+    step_seconds_sum=20.25,
 )
 MESSAGES: list[Message] = [
     AddRequest("req-1", [1, 5, 17, 42], PARAMS),
     AddRequest("req-2", [3], SamplingParams()),
     AbortRequests(["req-1", "req-2"]),
     Shutdown(),
-    Ready(ModelInfo("/models/tiny", 1024, 512, (2, 106), "/models/tiny", 128, 4)),
-    Ready(ModelInfo("/models/x.gguf", 2048, 512, (), None, 64, 16)),
+    Ready(ModelInfo("/models/tiny", 1024, 512, (2, 106), "/models/tiny", 128, 4, "float32")),
+    Ready(ModelInfo("/models/x.gguf", 2048, 512, (), None, 64, 16, "bfloat16")),
     StepOutputs(OUTPUTS),
     StepOutputs([]),
     Heartbeat(STATS),

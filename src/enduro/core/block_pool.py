@@ -7,6 +7,11 @@ Every block is in exactly one state:
 - free: ref_cnt == 0 and no hash.
 New blocks come from the lowest free block id, so live data stays packed at the start of the
 pool; only when no free block is left is the least recently used cached block evicted.
+
+Fragmentation is measured over segments: the share of unreferenced blocks (free or cached)
+that sit in a segment which also holds a used block, memory that releasing whole segments
+could not give back. The pool is not cut into segments yet (the elastic pool will make them
+real), so it is read as if cut into NOTIONAL_SEGMENT_BLOCKS-block segments from block 0.
 """
 
 import heapq
@@ -14,6 +19,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 BlockHash = bytes
+NOTIONAL_SEGMENT_BLOCKS = 64
 
 
 @dataclass
@@ -58,6 +64,21 @@ class BlockPool:
     @property
     def usage(self) -> float:
         return self.num_used_blocks / self.num_blocks
+
+    @property
+    def fragmentation(self) -> float:
+        """Unreferenced blocks in segments that also hold a used block, over all unreferenced
+        blocks; 0.0 when every block is used. O(num_blocks): read it per heartbeat, not per
+        step."""
+        if self.num_free_blocks == 0:
+            return 0.0
+        num_stranded = 0
+        for start in range(0, self.num_blocks, NOTIONAL_SEGMENT_BLOCKS):
+            segment = self.blocks[start : start + NOTIONAL_SEGMENT_BLOCKS]
+            num_used = sum(1 for block in segment if block.ref_cnt > 0)
+            if num_used:
+                num_stranded += len(segment) - num_used
+        return num_stranded / self.num_free_blocks
 
     def get_cached_block(self, block_hash: BlockHash) -> KVBlock | None:
         return self._cached.get(block_hash) if self.enable_caching else None

@@ -3,6 +3,7 @@
 Everything it returns is plain data, so it can cross a process boundary unchanged.
 """
 
+import time
 from collections.abc import Callable
 
 from enduro.config import EngineConfig
@@ -27,6 +28,8 @@ class EngineCore:
             eos_token_ids=self.runner.arch.eos_token_ids,
         )
         self._rejected: list[EngineCoreOutput] = []
+        # When each request was first scheduled, until its first output reports it.
+        self._first_scheduled: dict[str, float] = {}
 
     def add_request(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
@@ -47,13 +50,22 @@ class EngineCore:
 
     def finish_requests(self, request_ids: list[str], reason: FinishReason) -> None:
         self.scheduler.finish_requests(request_ids, reason)
+        for request_id in request_ids:
+            self._first_scheduled.pop(request_id, None)
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        return self.runner.kv_cache.num_bytes
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests or bool(self._rejected)
 
     def step(self) -> list[EngineCoreOutput]:
         outputs, self._rejected = self._rejected, []
+        scheduled_at = time.monotonic()
         scheduler_output = self.scheduler.schedule()
+        for new in scheduler_output.new_requests:  # the runner sees each request once
+            self._first_scheduled[new.request_id] = scheduled_at
         runner_output = self.runner.execute(scheduler_output)
         prompt_logprobs = runner_output.prompt_logprobs
         changed = self.scheduler.update_from_output(scheduler_output, runner_output.sampled)
@@ -69,11 +81,15 @@ class EngineCore:
                     new_prompt_logprobs=prompt_logprobs.get(rid, []),
                     finish_reason=request.finish_reason,
                     num_cached_tokens=request.num_cached_tokens,
+                    first_scheduled_time=self._first_scheduled.pop(rid, None),
                 )
             )
             reported.add(rid)
         # Prompt logprobs of a chunk that did not sample yet still go out now.
         for rid, scored in prompt_logprobs.items():
             if rid not in reported:
-                outputs.append(EngineCoreOutput(rid, new_prompt_logprobs=scored))
+                first = self._first_scheduled.pop(rid, None)
+                outputs.append(
+                    EngineCoreOutput(rid, new_prompt_logprobs=scored, first_scheduled_time=first)
+                )
         return outputs

@@ -20,9 +20,12 @@ import time
 import traceback
 from types import FrameType
 
-from enduro.config import EngineConfig
+from enduro.config import LOG_FORMATS, EngineConfig
 from enduro.core.scheduler import SchedulerStats
 from enduro.engine.engine_core import EngineCore
+from enduro.engine.step_times import StepTimes
+from enduro.observability.logging import configure_logging
+from enduro.observability.process_memory import python_heap_bytes
 from enduro.outputs import EngineCoreOutput
 from enduro.request import FinishReason
 from enduro.sampling_params import SamplingParams
@@ -46,6 +49,8 @@ from enduro.server.ipc import (
 
 # The client counts on a heartbeat at least every 0.5 s while the loop is between steps.
 HEARTBEAT_INTERVAL = 0.25
+# Preemptions come in bursts (the pool ran full); one log line sums up each such stretch.
+PREEMPTION_LOG_INTERVAL = 10.0
 WARMUP_REQUEST_PREFIX = "__warmup__"
 
 log = logging.getLogger("enduro.engine")
@@ -71,8 +76,11 @@ class EngineLoop:
         self.num_prompt_tokens = 0
         self.num_generation_tokens = 0
         self.last_step_time: float | None = None
+        self.step_times = StepTimes()
         self.last_heartbeat = 0.0
         self.busy_at_heartbeat = False
+        self.num_preemptions_logged = 0
+        self.last_preemption_log = -PREEMPTION_LOG_INTERVAL
 
     def run(self) -> int:
         """Serve until told to stop; returns the exit status (non-zero after a failure)."""
@@ -154,7 +162,9 @@ class EngineLoop:
     # ---- steps and heartbeats ---------------------------------------------------------------
 
     def _step(self) -> None:
+        started = time.perf_counter()
         outputs = self.core.step()
+        self.step_times.observe(time.perf_counter() - started)
         self.last_step_time = time.monotonic()
         self.num_generation_tokens += sum(len(output.new_token_ids) for output in outputs)
         if outputs:
@@ -167,8 +177,22 @@ class EngineLoop:
         now = time.monotonic()
         if now - self.last_heartbeat < HEARTBEAT_INTERVAL and busy == self.busy_at_heartbeat:
             return
-        self.send(Heartbeat(self.stats(now)))
+        stats = self.stats(now)
+        self.send(Heartbeat(stats))
         self.last_heartbeat, self.busy_at_heartbeat = now, busy
+        self._log_preemptions(stats.num_preemptions, now)
+
+    def _log_preemptions(self, num_preemptions: int, now: float) -> None:
+        """At most one line per PREEMPTION_LOG_INTERVAL, counting those since the last."""
+        num_new = num_preemptions - self.num_preemptions_logged
+        if num_new <= 0 or now - self.last_preemption_log < PREEMPTION_LOG_INTERVAL:
+            return
+        log.warning(
+            "preempted %d running requests since the last report (the KV pool ran full)",
+            num_new,
+            extra={"event": "preemption_burst", "num_preemptions": num_new},
+        )
+        self.num_preemptions_logged, self.last_preemption_log = num_preemptions, now
 
     def stats(self, now: float) -> EngineStats:
         scheduler = self.core.scheduler
@@ -189,6 +213,11 @@ class EngineLoop:
             num_prompt_tokens=self.num_prompt_tokens,
             num_prefill_tokens=scheduler.stats.num_prefill_tokens,
             num_generation_tokens=self.num_generation_tokens,
+            kv_cache_fragmentation=pool.fragmentation,
+            kv_cache_bytes=self.core.kv_cache_bytes,
+            python_heap_bytes=python_heap_bytes(),
+            step_seconds_counts=list(self.step_times.counts),
+            step_seconds_sum=self.step_times.sum,
         )
 
 
@@ -241,6 +270,7 @@ def model_info(core: EngineCore) -> ModelInfo:
         tokenizer_dir=str(tokenizer_dir) if tokenizer_dir is not None else None,
         num_blocks=runner.num_blocks,
         block_size=core.config.cache.block_size,
+        dtype=str(runner.dtype).removeprefix("torch."),
     )
 
 
@@ -275,7 +305,8 @@ def _start(sock: socket.socket, config: EngineConfig) -> EngineLoop | None:
         return None
     loop = EngineLoop(core, sock)
     loop.send(Ready(model_info(core)))
-    log.info("ready in %.1f s", time.monotonic() - started)
+    seconds = time.monotonic() - started
+    log.info("ready in %.1f s", seconds, extra={"event": "engine_ready", "seconds": seconds})
     return loop
 
 
@@ -284,11 +315,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fd", type=int, required=True, help="inherited socket to the server")
     parser.add_argument("--parent-pid", type=int, required=True)
     parser.add_argument("--config", required=True, help="EngineConfig as JSON")
+    parser.add_argument("--log-format", choices=LOG_FORMATS, default="text")
     args = parser.parse_args(argv)
     _die_with_parent(args.parent_pid)
-    logging.basicConfig(
-        stream=sys.stderr, level=logging.INFO, format="engine %(process)d: %(message)s"
-    )
+    configure_logging(args.log_format, role="engine")
     signal.signal(signal.SIGTERM, _exit_quietly)
     signal.signal(signal.SIGINT, _exit_quietly)
     sock = socket.socket(fileno=args.fd)

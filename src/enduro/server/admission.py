@@ -6,6 +6,8 @@ get 503 + Retry-After at once instead of queueing behind work the engine cannot 
 All counting happens on the event loop thread, so no lock is needed.
 """
 
+import time
+
 from enduro.server.errors import invalid, unavailable
 
 
@@ -16,6 +18,7 @@ class WaitSlot:
         self._admission = admission
         self.num_tokens = num_tokens
         self.released = False
+        self.admitted_at = time.monotonic()  # the queue time runs from here
 
     def release(self) -> None:
         if not self.released:

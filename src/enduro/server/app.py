@@ -1,8 +1,12 @@
 """The OpenAI-compatible HTTP API: `create_app(engine, tokenizer, model_info, config)`.
 
-Middleware, outermost first: request id (and last-resort 500) → header caps (431) → path
-normalisation and API key (401) → body cap (413). Then FastAPI: pydantic validation (400),
-the routes, and the error handlers that put every error in OpenAI's envelope.
+Middleware, outermost first: telemetry (the request's record → span, log line, metrics) →
+request id (and last-resort 500) → header caps (431) → path normalisation and API key (401) →
+body cap (413). Then FastAPI: pydantic validation (400), the routes, and the error handlers
+that put every error in OpenAI's envelope.
+
+Metrics live in one injected registry (a new one per app unless given): GET /metrics and the
+dashboard read it as `app.state.context.telemetry.registry`.
 
 `app.state.draining = True` (set by the SIGTERM handler) makes /ready and new generation
 requests answer 503 while requests in flight finish.
@@ -10,33 +14,62 @@ requests answer 503 while requests in flight finish.
 
 import os
 import time
+from typing import Any
 
 from fastapi import FastAPI
+from prometheus_client import CollectorRegistry
 
 from enduro import __version__
 from enduro.chat_template import END_OF_TURN_TOKENS, ChatTemplate
 from enduro.config import ServerConfig
-from enduro.server import routes_chat, routes_completions, routes_status, routes_tokens
+from enduro.observability.telemetry import Telemetry
+from enduro.server import (
+    routes_chat,
+    routes_completions,
+    routes_metrics,
+    routes_status,
+    routes_tokens,
+)
 from enduro.server.admission import Admission
 from enduro.server.auth import AuthMiddleware
 from enduro.server.context import Engine, ServerContext, model_names
 from enduro.server.engine_client import ModelInfo
 from enduro.server.errors import install_error_handlers
-from enduro.server.middleware import BodyLimitMiddleware, HeaderLimitMiddleware, RequestIdMiddleware
+from enduro.server.middleware import (
+    BodyLimitMiddleware,
+    HeaderLimitMiddleware,
+    RequestIdMiddleware,
+    TelemetryMiddleware,
+)
 from enduro.server.routes_common import customize_openapi
+from enduro.server.routes_dashboard import install_dashboard
 from enduro.tokenizer import Tokenizer
 
 API_KEY_ENV = "ENDURO_API_KEY"
 
 
 def create_app(
-    engine: Engine, tokenizer: Tokenizer, model_info: ModelInfo, config: ServerConfig
+    engine: Engine,
+    tokenizer: Tokenizer,
+    model_info: ModelInfo,
+    config: ServerConfig,
+    *,
+    registry: CollectorRegistry | None = None,
+    tracer_provider: Any | None = None,
 ) -> FastAPI:
+    """`registry` (default: a new one) receives every metric; `tracer_provider` (default: as
+    the OTEL_* environment says) every span."""
     app = FastAPI(title="enduro", version=__version__, summary="OpenAI-compatible LLM server")
-    app.state.context = build_context(engine, tokenizer, model_info, config)
+    context = build_context(
+        engine, tokenizer, model_info, config, registry=registry, tracer_provider=tracer_provider
+    )
+    app.state.context = context
     app.state.draining = False
-    for module in (routes_completions, routes_chat, routes_tokens, routes_status):
+    for module in (routes_completions, routes_chat, routes_tokens, routes_status, routes_metrics):
         app.include_router(module.router)
+    # Dashboard: /dashboard, /dashboard/data, and a sampler of the metrics registry that runs
+    # during the app's lifespan.
+    install_dashboard(app, context.telemetry.registry)
     install_error_handlers(app)
     customize_openapi(app)
     # add_middleware puts each new one outermost, so this is innermost-first.
@@ -44,13 +77,35 @@ def create_app(
     app.add_middleware(AuthMiddleware, api_key=config.api_key or os.environ.get(API_KEY_ENV))
     app.add_middleware(HeaderLimitMiddleware)
     app.add_middleware(RequestIdMiddleware)
+    app.add_middleware(TelemetryMiddleware, telemetry=context.telemetry)
     return app
 
 
 def build_context(
-    engine: Engine, tokenizer: Tokenizer, model_info: ModelInfo, config: ServerConfig
+    engine: Engine,
+    tokenizer: Tokenizer,
+    model_info: ModelInfo,
+    config: ServerConfig,
+    *,
+    registry: CollectorRegistry | None = None,
+    tracer_provider: Any | None = None,
 ) -> ServerContext:
     served, accepted = model_names(model_info, config)
+    build_labels = {
+        "version": __version__,
+        "model": served,
+        "dtype": model_info.dtype,
+        "block_size": str(model_info.block_size),
+        "num_blocks": str(model_info.num_blocks),
+        "max_model_len": str(model_info.max_model_len),
+    }
+    telemetry = Telemetry.create(
+        engine,
+        build_labels,
+        log_prompts=config.log_prompts,
+        registry=registry,
+        tracer_provider=tracer_provider,
+    )
     return ServerContext(
         engine=engine,
         tokenizer=tokenizer,
@@ -65,6 +120,7 @@ def build_context(
             if token_id is not None
         ),
         admission=Admission(config.max_queue, config.max_queued_tokens),
+        telemetry=telemetry,
         served_model_name=served,
         accepted_model_names=accepted,
         created=int(time.time()),

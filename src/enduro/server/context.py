@@ -1,4 +1,5 @@
-"""What every route needs, built once by create_app: the engine, tokenizer, limits, names."""
+"""What every route needs, built once by create_app: the engine, tokenizer, limits, names,
+telemetry."""
 
 import asyncio
 import functools
@@ -12,10 +13,11 @@ from fastapi import Depends, Request
 
 from enduro.chat_template import ChatTemplate
 from enduro.config import ServerConfig
+from enduro.observability.telemetry import Telemetry
 from enduro.outputs import EngineCoreOutput
 from enduro.sampling_params import SamplingParams
 from enduro.server.admission import Admission
-from enduro.server.engine_client import ModelInfo
+from enduro.server.engine_client import EngineStats, ModelInfo
 from enduro.server.errors import APIError, invalid, unavailable
 from enduro.tokenizer import Tokenizer
 
@@ -40,6 +42,14 @@ class Engine(Protocol):
     @property
     def num_restarts(self) -> int: ...
 
+    @property
+    def stats(self) -> EngineStats | None:
+        """The latest heartbeat; None before the first (or with no engine process)."""
+
+    @property
+    def pid(self) -> int | None:
+        """The engine process; None while there is none (or it runs in this process)."""
+
 
 def model_names(model_info: ModelInfo, config: ServerConfig) -> tuple[str, frozenset[str]]:
     """(the name the API reports, every name a request may use): the served name if one is
@@ -58,6 +68,7 @@ class ServerContext:
     chat_template: ChatTemplate
     chat_stop_token_ids: tuple[int, ...]  # end-of-turn tokens: a chat reply stops at them
     admission: Admission
+    telemetry: Telemetry  # its registry holds every metric: /metrics and the dashboard read it
     served_model_name: str
     accepted_model_names: frozenset[str]
     created: int

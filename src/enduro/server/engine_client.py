@@ -44,8 +44,10 @@ class EngineClient:
         *,
         startup_timeout: float = 600.0,
         stall_timeout: float = 30.0,
+        log_format: str = "text",
     ) -> None:
         self.engine_config = engine_config
+        self.log_format = log_format  # the engine process logs as the server does
         self.startup_timeout = startup_timeout
         self.stall_timeout = stall_timeout
         self._engine: EngineProcess | None = None  # set only while a ready engine serves
@@ -163,8 +165,12 @@ class EngineClient:
             queue.put_nowait(EngineDeadError(reason))
 
     async def _launch(self) -> EngineProcess:
-        engine = await EngineProcess.spawn(self.engine_config, self._route)
-        log.info("engine process %d starting", engine.pid)
+        engine = await EngineProcess.spawn(self.engine_config, self._route, self.log_format)
+        log.info(
+            "engine process %d starting",
+            engine.pid,
+            extra={"event": "engine_start", "engine_pid": engine.pid},
+        )
         try:
             self._model_info = await engine.wait_ready(self.startup_timeout)
         except BaseException:  # failed, timed out or cancelled: leave no child behind
@@ -178,7 +184,17 @@ class EngineClient:
             engine = self._engine
             await engine.wait_gone()
             self._engine = None
-            log.error("engine %d died (%s); restarting it", engine.pid, engine.describe_exit())
+            log.error(
+                "engine %d died (%s); restarting it",
+                engine.pid,
+                engine.describe_exit(),
+                extra={
+                    "event": "engine_restart",
+                    "engine_pid": engine.pid,
+                    "exit_status": engine.proc.returncode,
+                    "num_restarts": self._num_restarts + 1,
+                },
+            )
             self._fail_in_flight(f"the engine process died ({engine.describe_exit()})")
             await engine.stop(EXIT_GRACE, ask=False)  # reap it, killing it if it lingers
             self._num_restarts += 1
@@ -190,6 +206,10 @@ class EngineClient:
             try:
                 return await self._launch()
             except Exception:  # whatever it was, the server needs an engine: keep trying
-                log.exception("engine restart failed (retrying in %.0f s)", backoff)
+                log.exception(
+                    "engine restart failed (retrying in %.0f s)",
+                    backoff,
+                    extra={"event": "engine_error"},
+                )
             await asyncio.sleep(backoff)
             backoff = min(2 * backoff, MAX_RESTART_BACKOFF)

@@ -71,13 +71,17 @@ class EngineProcess:
 
     @classmethod
     async def spawn(
-        cls, config: EngineConfig, on_outputs: Callable[[list[EngineCoreOutput]], None]
+        cls,
+        config: EngineConfig,
+        on_outputs: Callable[[list[EngineCoreOutput]], None],
+        log_format: str = "text",
     ) -> "EngineProcess":
         parent_sock, child_sock = socket.socketpair()
         with child_sock:
             proc = await asyncio.create_subprocess_exec(
                 *(sys.executable, "-m", "enduro.engine.loop", "--fd", str(child_sock.fileno())),
                 *("--parent-pid", str(os.getpid()), "--config", encode_config(config)),
+                *("--log-format", log_format),
                 pass_fds=(child_sock.fileno(),),
                 stdin=asyncio.subprocess.DEVNULL,
                 stderr=asyncio.subprocess.PIPE,
@@ -190,7 +194,12 @@ class EngineProcess:
         elif isinstance(message, ErrorReport):
             # Its stderr, passed through, already holds the whole traceback.
             self.error = message.message
-            log.error("engine %d failed: %s", self.pid, self.error_summary)
+            log.error(
+                "engine %d failed: %s",
+                self.pid,
+                self.error_summary,
+                extra={"event": "engine_error", "engine_pid": self.pid},
+            )
         else:
             log.warning("ignored a %s message from the engine", type(message).__name__)
 

@@ -13,6 +13,9 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
+from starlette.types import Receive, Scope, Send
+
+from enduro.observability.request_record import record_of
 
 logger = logging.getLogger("enduro.server")
 
@@ -75,8 +78,47 @@ def envelope(error: APIError) -> dict[str, Any]:
     }
 
 
+# The `reason` of enduro_request_errors_total (observability/request_record.py) for an error:
+# by its code where the status alone is ambiguous (503s), else by its status.
+_REASON_BY_CODE = {
+    "overloaded": "overloaded",
+    "draining": "draining",
+    "not_ready": "engine",
+    "engine_unavailable": "engine",
+    "aborted": "aborted",
+}
+_REASON_BY_STATUS = {
+    400: "validation",
+    401: "unauthorized",
+    404: "not_found",
+    405: "not_found",
+    413: "too_large",
+    431: "too_large",
+    499: "aborted",
+}
+
+
+def error_reason(error: APIError) -> str:
+    if error.code in _REASON_BY_CODE:
+        return _REASON_BY_CODE[error.code]
+    default = "internal" if error.status_code >= 500 else "validation"
+    return _REASON_BY_STATUS.get(error.status_code, default)
+
+
+class EnvelopeResponse(JSONResponse):
+    """An error in the envelope; sending it notes the error's reason in the request record."""
+
+    def __init__(self, error: APIError) -> None:
+        super().__init__(envelope(error), status_code=error.status_code, headers=error.headers)
+        self.reason = error_reason(error)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        record_of(scope).note_error(self.reason)
+        await super().__call__(scope, receive, send)
+
+
 def error_response(error: APIError) -> JSONResponse:
-    return JSONResponse(envelope(error), status_code=error.status_code, headers=error.headers)
+    return EnvelopeResponse(error)
 
 
 def internal_error() -> APIError:

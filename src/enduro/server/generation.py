@@ -7,9 +7,11 @@ request in the engine, which frees its KV blocks.
 """
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+from enduro.observability.request_record import RequestRecord
 from enduro.outputs import EngineCoreOutput, TokenLogprobs
 from enduro.request import FinishReason
 from enduro.sampling_params import SamplingParams
@@ -108,19 +110,32 @@ class ChoiceDecoder:
         delta.text = self.matcher.add(text)
 
 
+def _note_output(
+    record: RequestRecord, spec: ChoiceSpec, slot: WaitSlot, output: EngineCoreOutput
+) -> None:
+    if output.first_scheduled_time is not None:
+        record.note_scheduled(output.first_scheduled_time - slot.admitted_at)
+    if output.new_token_ids:
+        record.note_tokens(spec.index, time.monotonic())
+
+
 async def run_choice(
-    spec: ChoiceSpec, engine: Engine, tokenizer: Tokenizer, slot: WaitSlot
+    spec: ChoiceSpec, engine: Engine, tokenizer: Tokenizer, slot: WaitSlot, record: RequestRecord
 ) -> AsyncIterator[ChoiceDelta]:
     decoder = ChoiceDecoder(spec, tokenizer)
     outputs = engine.generate(spec.engine_request_id, spec.prompt.token_ids, spec.params)
     try:
         async for output in outputs:
             slot.release()  # no longer waiting once the engine has produced something
+            _note_output(record, spec, slot, output)
             delta = decoder.add(output)
-            if delta is not None:
-                yield delta
-                if delta.finish_reason is not None:
-                    return
+            if delta is None:
+                continue
+            if delta.finish_reason is not None:
+                record.note_finish(spec.index, delta.finish_reason)
+            yield delta
+            if delta.finish_reason is not None:
+                return
     except EngineDeadError:
         raise unavailable("the engine restarted; retry the request", "engine_unavailable") from None
     finally:
@@ -139,12 +154,17 @@ class ChoiceStreams:
     """The deltas of several choices, interleaved in arrival order. Use `async with`."""
 
     def __init__(
-        self, specs: list[ChoiceSpec], slots: list[WaitSlot], engine: Engine, tokenizer: Tokenizer
+        self,
+        specs: list[ChoiceSpec],
+        slots: list[WaitSlot],
+        engine: Engine,
+        tokenizer: Tokenizer,
+        record: RequestRecord,
     ) -> None:
         self._queue: asyncio.Queue[ChoiceDelta | BaseException | object] = asyncio.Queue()
         self._slots = slots
         self._tasks = [
-            asyncio.create_task(self._pump(run_choice(spec, engine, tokenizer, slot)))
+            asyncio.create_task(self._pump(run_choice(spec, engine, tokenizer, slot, record)))
             for spec, slot in zip(specs, slots, strict=True)
         ]
 

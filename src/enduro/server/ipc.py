@@ -29,6 +29,12 @@ HEADER = struct.Struct(">I")
 # Far above any real message (a step's outputs with top-20 logprobs for every request); a
 # larger length means a corrupt stream, and reading it would allocate that much.
 MAX_FRAME_BYTES = 64 << 20
+# Upper bounds (seconds) of the engine's step-time histogram buckets, a +Inf bucket after
+# them: a tiny model's decode step takes a millisecond, a long prefill chunk on CPU seconds.
+STEP_SECONDS_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5, 5.0,
+    10.0,
+)  # fmt: skip
 
 
 class ProtocolError(ValueError):
@@ -46,6 +52,7 @@ class ModelInfo:
     tokenizer_dir: str | None
     num_blocks: int
     block_size: int
+    dtype: str  # the weights' and KV cache's torch dtype, resolved ("float32", "bfloat16")
 
 
 @dataclass(frozen=True)
@@ -68,6 +75,13 @@ class EngineStats:
     num_prompt_tokens: int  # prompt tokens of the requests received
     num_prefill_tokens: int  # prompt tokens computed (recomputes included)
     num_generation_tokens: int
+    kv_cache_fragmentation: float  # BlockPool.fragmentation
+    kv_cache_bytes: int  # the KV pool's tensors
+    python_heap_bytes: int | None  # observability/process_memory.py; None if unreadable
+    # Steps per bucket of STEP_SECONDS_BUCKETS, then the +Inf bucket (not cumulative), and
+    # the sum of their durations in seconds.
+    step_seconds_counts: list[int]
+    step_seconds_sum: float
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,10 @@
 SIGTERM (or Ctrl-C) makes uvicorn stop accepting connections and wait up to
 `shutdown_timeout` for in-flight requests; then the engine process is shut down, so no child
 outlives the server, and the process exits 0.
+
+Logs go to stderr in --log-format, the engine's and uvicorn's included; our own request lines
+replace uvicorn's access log. With --metrics-port the same server listens there too and
+answers /metrics only (no API key); it stops listening when a drain begins, with the API port.
 """
 
 import asyncio
@@ -11,6 +15,7 @@ import logging
 import math
 import os
 import signal
+import socket
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -18,10 +23,13 @@ from types import FrameType
 
 import uvicorn
 from fastapi import FastAPI
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from enduro.config import EngineConfig, ServerConfig
+from enduro.observability.logging import configure_logging
 from enduro.server.app import create_app
 from enduro.server.engine_client import EngineClient
+from enduro.server.routes_metrics import metrics_app
 from enduro.tokenizer import Tokenizer
 
 API_KEY_ENV = "ENDURO_API_KEY"
@@ -59,31 +67,76 @@ class DrainingServer(uvicorn.Server):
         super().handle_exit(sig, frame)
 
 
+class ByPort:
+    """One server, two listeners: requests that arrive on `metrics_port` go to the metrics
+    app, everything else (the lifespan included) to the API."""
+
+    def __init__(self, api: ASGIApp, metrics: ASGIApp, metrics_port: int) -> None:
+        self.api, self.metrics, self.metrics_port = api, metrics, metrics_port
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        server = scope.get("server")  # (host, port) of the listener that accepted it
+        if scope["type"] == "http" and server is not None and server[1] == self.metrics_port:
+            await self.metrics(scope, receive, send)
+        else:
+            await self.api(scope, receive, send)
+
+
+def listen(host: str, port: int) -> socket.socket:
+    family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+    try:
+        return socket.create_server((host, port), family=family)
+    except OSError as e:
+        raise SystemExit(f"cannot listen on {host}:{port}: {e}") from e
+
+
 def run_server(engine_config: EngineConfig, server_config: ServerConfig) -> None:
     asyncio.run(serve(engine_config, server_config))
 
 
 async def serve(engine_config: EngineConfig, server_config: ServerConfig) -> None:
     config = replace(server_config, api_key=server_config.api_key or os.environ.get(API_KEY_ENV))
-    engine = EngineClient(engine_config)
+    configure_logging(config.log_format, role="api")
+    # With a metrics port both listeners are bound here, before the engine loads, so a busy
+    # port fails at once; without one uvicorn binds the API port itself.
+    sockets = None
+    if config.metrics_port is not None:
+        sockets = [listen(config.host, config.port), listen(config.host, config.metrics_port)]
+    engine = EngineClient(engine_config, log_format=config.log_format)
     await engine.start()
     try:
         info = engine.model_info
         if info.tokenizer_dir is None:
             raise SystemExit(f"{info.source}: the model has no tokenizer; the HTTP API needs one")
         app = create_app(engine, Tokenizer(Path(info.tokenizer_dir)), info, config)
+        telemetry = app.state.context.telemetry
+        asgi_app: ASGIApp = app
+        if config.metrics_port is not None:
+            asgi_app = ByPort(app, metrics_app(telemetry.registry), config.metrics_port)
         server = DrainingServer(
             app,
             uvicorn.Config(
-                app,
+                asgi_app,
                 host=config.host,
                 port=config.port,
                 timeout_graceful_shutdown=math.ceil(config.shutdown_timeout),
                 h11_max_incomplete_event_size=MAX_HEADER_BYTES,
                 server_header=False,
                 log_level="info",
+                log_config=None,  # the root handler configure_logging set up
+                access_log=False,  # the request lines (observability/logging.py) replace it
             ),
         )
-        await server.serve()
+        if sockets is not None:
+            log.info(
+                "serving on http://%s:%d, metrics also on http://%s:%d/metrics",
+                *(config.host, config.port, config.host, config.metrics_port),
+            )
+        try:
+            await server.serve(sockets=sockets)
+        finally:
+            telemetry.shutdown()  # flush batched spans
     finally:
+        for sock in sockets or []:
+            sock.close()
         await engine.shutdown()

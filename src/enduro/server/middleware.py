@@ -1,5 +1,5 @@
-"""Pure ASGI middleware that runs before any route: request ids, last-resort 500s, header and
-body size caps.
+"""Pure ASGI middleware that runs before any route: telemetry, request ids, last-resort 500s,
+header and body size caps.
 
 Pure ASGI (not BaseHTTPMiddleware) so streaming responses and disconnects pass through
 untouched and a body is counted as it arrives, before FastAPI parses it.
@@ -7,10 +7,18 @@ untouched and a body is counted as it arrives, before FastAPI parses it.
 
 import logging
 import re
+import time
 import uuid
+from collections.abc import Iterator
 
+from starlette.requests import ClientDisconnect
+from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from enduro.observability.request_record import RECORD_KEY, RequestRecord
+from enduro.observability.telemetry import Telemetry
+from enduro.observability.tracing import TRACE_HEADERS
+from enduro.server.auth import normalise_path
 from enduro.server.errors import APIError, error_response, internal_error
 
 logger = logging.getLogger("enduro.server")
@@ -30,6 +38,92 @@ def _incoming_request_id(scope: Scope) -> str:
         if name == REQUEST_ID_HEADER and _SANE_REQUEST_ID.match(value):
             return value.decode("ascii")
     return uuid.uuid4().hex
+
+
+def endpoint_of(scope: Scope) -> str:
+    """The template of the route that served the request (whatever the method), or "other":
+    the endpoint label stays within the app's routes."""
+    route = scope.get("route")  # set by the router on the scope it was handed
+    if route is None:  # answered before routing (401, 413, 431): match the path here
+        route = _match_route(scope)
+    return str(getattr(route, "path", None) or "other")
+
+
+def _match_route(scope: Scope) -> BaseRoute | None:
+    router = getattr(scope.get("app"), "router", None)
+    if router is None:
+        return None
+    # Normalised here too: the header cap answers before AuthMiddleware rewrites the path.
+    probe = {**scope, "path": normalise_path(scope["path"])}
+    for route in _plain_routes(router.routes):
+        match, _ = route.matches(probe)
+        if match is not Match.NONE:
+            return route
+    return None
+
+
+def _plain_routes(routes: list[BaseRoute]) -> Iterator[BaseRoute]:
+    """Routes and mounts, looking inside the routers FastAPI includes lazily (their prefix is
+    not applied: this app includes routers without one)."""
+    for route in routes:
+        included = getattr(route, "original_router", None)
+        if included is not None:
+            yield from _plain_routes(included.routes)
+        else:
+            yield route
+
+
+def _trace_headers(scope: Scope) -> dict[str, str]:
+    names = {name.encode(): name for name in TRACE_HEADERS}
+    return {
+        names[name]: value.decode("latin-1")
+        for name, value in scope.get("headers", [])
+        if name in names
+    }
+
+
+class TelemetryMiddleware:
+    """Outermost: opens the request's record, watches its response go out, and hands the
+    finished record to telemetry (span, log line, metrics) just before the last body message
+    goes out (so a client that has its whole response finds it counted), or once the client
+    has left or the request failed."""
+
+    def __init__(self, app: ASGIApp, telemetry: Telemetry) -> None:
+        self.app = app
+        self.telemetry = telemetry
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        record = RequestRecord("", scope.get("method", ""), trace_headers=_trace_headers(scope))
+        scope.setdefault("state", {})[RECORD_KEY] = record
+        finished = False
+
+        def finish() -> None:
+            nonlocal finished
+            if not finished:
+                finished = True
+                record.request_id = request_id_of(scope)
+                record.finish(endpoint_of(scope), time.monotonic())
+                self.telemetry.observe(record)
+
+        async def send_observed(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                record.status = message["status"]
+            elif message["type"] == "http.response.body" and not message.get("more_body"):
+                record.response_complete = True
+                finish()
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_observed)
+        except Exception as exc:
+            disconnected = isinstance(exc, ClientDisconnect | OSError)
+            record.note_error("aborted" if disconnected else "internal")
+            raise
+        finally:
+            finish()
 
 
 class RequestIdMiddleware:

@@ -7,6 +7,7 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel
 from starlette.responses import Response
 
+from enduro.observability.request_record import record_of
 from enduro.server.context import Context, ServerContext
 from enduro.server.errors import invalid
 from enduro.server.generation import ChoiceDelta, ChoiceStreams
@@ -41,6 +42,17 @@ router = APIRouter()
 async def create_chat_completion(
     body: ChatCompletionRequest, request: Request, context: Context
 ) -> Response | BaseModel:
+    request_id = request_id_of(request.scope)
+    requested = body.max_completion_tokens or body.max_tokens  # the newer name wins
+    record = record_of(request.scope)
+    record.describe_generation(
+        model=body.model or context.served_model_name,
+        max_tokens=requested,
+        temperature=body.temperature,
+        top_p=body.top_p,
+        response_id=f"chatcmpl-{request_id}",
+        stream=body.stream,
+    )
     context.check_model(body.model)
     context.check_accepting(request)
     context.admission.check_room()
@@ -48,7 +60,7 @@ async def create_chat_completion(
     if body.top_logprobs is not None and not body.logprobs:
         raise invalid("top_logprobs needs logprobs: true", "top_logprobs")
     prompt = await chat_prompt(context, body.messages)
-    requested = body.max_completion_tokens or body.max_tokens  # the newer name wins
+    record.prompt_texts = [prompt.text]
 
     def max_tokens_for(prompt: Prompt) -> int:
         return resolve_max_tokens(context, prompt, requested)
@@ -57,12 +69,11 @@ async def create_chat_completion(
         logprobs=(body.top_logprobs or 0) if body.logprobs else None,
         stop_token_ids=context.chat_stop_token_ids,
     )
-    request_id = request_id_of(request.scope)
     specs = choice_specs(context, request_id, body, [prompt], max_tokens_for, options)
     formatter = ChatFormatter(context, body, f"chatcmpl-{request_id}", prompt)
     # Nothing may fail between admission and ChoiceStreams, which owns the slots from then on.
     slots = context.admission.admit([len(prompt.token_ids)] * len(specs))
-    streams = ChoiceStreams(specs, slots, context.engine, context.tokenizer)
+    streams = ChoiceStreams(specs, slots, context.engine, context.tokenizer, record)
     include_usage = body.stream_options is not None and body.stream_options.include_usage
     return await respond(request, streams, formatter, body.stream, include_usage)
 

@@ -6,6 +6,7 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel
 from starlette.responses import Response
 
+from enduro.observability.request_record import record_of
 from enduro.server.context import Context, ServerContext
 from enduro.server.generation import ChoiceDelta, ChoiceStreams
 from enduro.server.logprobs import extend, legacy_logprobs, legacy_prompt_logprobs
@@ -34,11 +35,22 @@ router = APIRouter()
 async def create_completion(
     body: CompletionRequest, request: Request, context: Context
 ) -> Response | BaseModel:
+    request_id = request_id_of(request.scope)
+    record = record_of(request.scope)
+    record.describe_generation(
+        model=body.model or context.served_model_name,
+        max_tokens=body.max_tokens,
+        temperature=body.temperature,
+        top_p=body.top_p,
+        response_id=f"cmpl-{request_id}",
+        stream=body.stream,
+    )
     context.check_model(body.model)
     context.check_accepting(request)
     context.admission.check_room()
     check_n(context, body, _num_prompts(body.prompt))
     prompts = await completion_prompts(context, body.prompt)
+    record.prompt_texts = [prompt.text for prompt in prompts]
     scoring = body.echo  # OpenAI allows max_tokens=0 with echo: score the prompt only
 
     def max_tokens_for(prompt: Prompt) -> int:
@@ -48,13 +60,12 @@ async def create_completion(
         logprobs=body.logprobs,
         prompt_logprobs=body.logprobs if body.echo and body.logprobs is not None else None,
     )
-    request_id = request_id_of(request.scope)
     specs = choice_specs(context, request_id, body, prompts, max_tokens_for, options)
     prompt_of = [spec.prompt for spec in specs]
     formatter = CompletionFormatter(context, body, f"cmpl-{request_id}", prompts, prompt_of)
     # Nothing may fail between admission and ChoiceStreams, which owns the slots from then on.
     slots = context.admission.admit([len(spec.prompt.token_ids) for spec in specs])
-    streams = ChoiceStreams(specs, slots, context.engine, context.tokenizer)
+    streams = ChoiceStreams(specs, slots, context.engine, context.tokenizer, record)
     include_usage = body.stream_options is not None and body.stream_options.include_usage
     return await respond(request, streams, formatter, body.stream, include_usage)
 

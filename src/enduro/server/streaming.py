@@ -17,8 +17,10 @@ from pydantic import BaseModel
 from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from enduro.server.errors import APIError, envelope, internal_error
+from enduro.observability.request_record import RequestRecord, record_of
+from enduro.server.errors import APIError, envelope, error_reason, internal_error
 from enduro.server.generation import ChoiceDelta, ChoiceStreams
+from enduro.server.protocol import Usage
 
 logger = logging.getLogger("enduro.server")
 
@@ -33,6 +35,8 @@ class Formatter(Protocol):
         """The chunk to stream for this delta (None: nothing visible), merged into the
         response when not streaming."""
 
+    def usage(self) -> Usage: ...
+
     def usage_chunk(self) -> BaseModel: ...
 
     def response(self) -> BaseModel: ...
@@ -41,18 +45,34 @@ class Formatter(Protocol):
 async def respond(
     request: Request, streams: ChoiceStreams, formatter: Formatter, stream: bool, usage: bool
 ) -> Response | BaseModel:
-    """Collect the deltas into a response, or stream them as SSE chunks."""
+    """Collect the deltas into a response, or stream them as SSE chunks. Either way, once the
+    streams are closed the request's record gets the usage the client was told (or would
+    have been, had it stayed)."""
+    record = record_of(request.scope)
+
+    def note_usage() -> None:
+        counts = formatter.usage()
+        record.note_usage(counts.prompt_tokens, counts.completion_tokens)
+
+    async def close() -> None:
+        await streams.aclose()
+        note_usage()
+
     if not stream:
-        async with streams:
+        try:
             return await until_disconnected(request, _collect(streams, formatter))
+        finally:
+            await close()
     deltas = aiter(streams)
     try:
         first = await until_disconnected(request, anext(deltas))
     except BaseException:
-        await streams.aclose()
+        await close()
         raise
-    events = _sse(first, deltas, formatter, usage)
-    return ClosingStreamingResponse(events, streams.aclose, media_type="text/event-stream")
+    # The usage is noted when the events end, before the response's last message (which is
+    # when telemetry reads the record), and again on close for a stream that never started.
+    events = _sse(first, deltas, formatter, usage, record, note_usage)
+    return ClosingStreamingResponse(events, close, media_type="text/event-stream")
 
 
 async def _collect(streams: ChoiceStreams, formatter: Formatter) -> BaseModel:
@@ -71,7 +91,12 @@ def _json(payload: dict[str, Any]) -> str:
 
 
 async def _sse(
-    first: ChoiceDelta, rest: AsyncIterator[ChoiceDelta], formatter: Formatter, usage: bool
+    first: ChoiceDelta,
+    rest: AsyncIterator[ChoiceDelta],
+    formatter: Formatter,
+    usage: bool,
+    record: RequestRecord,
+    note_usage: Callable[[], None],
 ) -> AsyncIterator[str]:
     try:
         async for delta in _chain(first, rest):
@@ -81,10 +106,14 @@ async def _sse(
         if usage:
             yield _data(formatter.usage_chunk())
     except APIError as exc:
+        record.note_error(error_reason(exc))
         yield _data(envelope(exc))
     except Exception:
         logger.exception("stream failed after it started")
+        record.note_error("internal")
         yield _data(envelope(internal_error()))
+    finally:
+        note_usage()
     yield "data: [DONE]\n\n"
 
 

@@ -1,0 +1,175 @@
+"""Scrape-time metrics from the engine: its latest heartbeat, the supervisor, and memory.
+
+Nothing here is stored between scrapes: every collect() reads the current heartbeat snapshot
+(EngineStats), so a scrape never sees a half-updated engine. Engine-side counts (preemptions,
+prefix-cache tokens, step times) run from the engine process's start: when the supervisor
+restarts the engine they start again from 0, which Prometheus reads as a counter reset, as it
+would for any restarted process. While no heartbeat has arrived (starting, restarting) those
+families have no samples.
+
+Memory (observability/process_memory.py): `process="api"` is read here, in the API process;
+`process="engine"` reads the engine's /proc entry by pid, and takes its Python heap from the
+heartbeat, since only the engine can walk its own allocator.
+"""
+
+from collections.abc import Iterable, Iterator
+from typing import Protocol
+
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+
+from enduro.core.block_pool import NOTIONAL_SEGMENT_BLOCKS
+from enduro.observability.process_memory import anon_memory_bytes, python_heap_bytes
+from enduro.server.ipc import STEP_SECONDS_BUCKETS, EngineStats
+
+
+class EngineSource(Protocol):
+    """What the collector reads from the engine client (EngineClient has all three)."""
+
+    @property
+    def stats(self) -> EngineStats | None: ...
+
+    @property
+    def num_restarts(self) -> int: ...
+
+    @property
+    def pid(self) -> int | None: ...
+
+
+def _gauge(name: str, documentation: str, value: float | None = None) -> GaugeMetricFamily:
+    family = GaugeMetricFamily(name, documentation)
+    if value is not None:
+        family.add_metric([], value)
+    return family
+
+
+def _counter(name: str, documentation: str, value: float | None = None) -> CounterMetricFamily:
+    family = CounterMetricFamily(name, documentation)
+    if value is not None:
+        family.add_metric([], value)
+    return family
+
+
+class EngineCollector:
+    def __init__(self, engine: EngineSource) -> None:
+        self.engine = engine
+
+    def describe(self) -> Iterable[Metric]:
+        """The families without reading anything (the registry checks names at register)."""
+        return list(self._families(None, None))
+
+    def collect(self) -> Iterable[Metric]:
+        return list(self._families(self.engine.stats, self.engine.pid, read=True))
+
+    def _families(
+        self, stats: EngineStats | None, pid: int | None, read: bool = False
+    ) -> Iterator[Metric]:
+        yield from self._scheduler(stats)
+        yield from self._kv_cache(stats)
+        yield self._step_seconds(stats)
+        yield _counter(
+            "enduro_engine_restarts",
+            "Times the supervisor restarted the engine process after it died.",
+            self.engine.num_restarts if read else None,
+        )
+        yield from self._memory(stats, pid, read)
+
+    def _scheduler(self, stats: EngineStats | None) -> Iterator[Metric]:
+        yield _gauge(
+            "enduro_requests_running",
+            "Requests the engine is running (holding KV blocks).",
+            stats.num_running if stats else None,
+        )
+        yield _gauge(
+            "enduro_requests_waiting",
+            "Requests queued in the engine, not yet running (preempted ones included).",
+            stats.num_waiting if stats else None,
+        )
+        yield _counter(
+            "enduro_preemptions",
+            "Running requests preempted (KV blocks freed, recomputed later).",
+            stats.num_preemptions if stats else None,
+        )
+        yield _counter(
+            "enduro_prefix_cache_queries_tokens",
+            "Prompt tokens looked up in the prefix cache.",
+            stats.num_prefix_queries if stats else None,
+        )
+        yield _counter(
+            "enduro_prefix_cache_hits_tokens",
+            "Prompt tokens served from the prefix cache.",
+            stats.num_prefix_hits if stats else None,
+        )
+
+    def _kv_cache(self, stats: EngineStats | None) -> Iterator[Metric]:
+        blocks = GaugeMetricFamily(
+            "enduro_kv_cache_blocks",
+            "KV blocks by state: used (held by a request), cached (unreferenced, holding a "
+            "reusable prefix; evicted on demand), free (neither).",
+            labels=["state"],
+        )
+        if stats:
+            blocks.add_metric(["used"], stats.num_used_blocks)
+            blocks.add_metric(["cached"], stats.num_cached_blocks)
+            blocks.add_metric(["free"], stats.num_free_blocks - stats.num_cached_blocks)
+        yield blocks
+        yield _gauge(
+            "enduro_kv_cache_usage_ratio",
+            "Share of KV blocks used by requests (cached blocks count as available).",
+            stats.num_used_blocks / stats.num_blocks if stats else None,
+        )
+        yield _gauge(
+            "enduro_kv_cache_fragmentation_ratio",
+            "Share of unreferenced KV blocks in segments that also hold used blocks (segments "
+            f"of {NOTIONAL_SEGMENT_BLOCKS} blocks until the elastic pool makes them real).",
+            stats.kv_cache_fragmentation if stats else None,
+        )
+        yield _gauge(
+            "enduro_kv_cache_bytes",
+            "Memory of the KV cache pool's tensors.",
+            stats.kv_cache_bytes if stats else None,
+        )
+
+    def _step_seconds(self, stats: EngineStats | None) -> Metric:
+        family = HistogramMetricFamily(
+            "enduro_engine_step_seconds", "Duration of one engine step (schedule, forward, sample)."
+        )
+        if stats:
+            cumulative, buckets = 0, []
+            bounds = [*map(str, STEP_SECONDS_BUCKETS), "+Inf"]
+            for bound, count in zip(bounds, stats.step_seconds_counts, strict=True):
+                cumulative += count
+                buckets.append((bound, cumulative))
+            family.add_metric([], buckets, sum_value=stats.step_seconds_sum)
+        return family
+
+    def _memory(self, stats: EngineStats | None, pid: int | None, read: bool) -> Iterator[Metric]:
+        memory = GaugeMetricFamily(
+            "enduro_process_memory_bytes",
+            "Anonymous memory of a process, resident or swapped (RssAnon + VmSwap).",
+            labels=["process"],
+        )
+        heap = GaugeMetricFamily(
+            "enduro_python_heap_bytes",
+            "Bytes in live blocks of CPython's small-object allocator (objects <= 512 bytes).",
+            labels=["process"],
+        )
+        if read:
+            readings = {
+                "api": (anon_memory_bytes(), python_heap_bytes()),
+                "engine": (
+                    anon_memory_bytes(pid) if pid is not None else None,
+                    stats.python_heap_bytes if stats else None,
+                ),
+            }
+            for process, (memory_bytes, heap_bytes) in readings.items():
+                if memory_bytes is not None:
+                    memory.add_metric([process], memory_bytes)
+                if heap_bytes is not None:
+                    heap.add_metric([process], heap_bytes)
+        yield memory
+        yield heap

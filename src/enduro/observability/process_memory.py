@@ -1,0 +1,90 @@
+"""Two memory figures per process, cheap enough to read at every scrape and heartbeat.
+
+- Process memory: RssAnon + VmSwap from /proc/<pid>/status. RSS alone counts file-backed
+  pages (the mapped weights, shared libraries) that the kernel can drop at will; anonymous
+  memory, resident or swapped out, is what a leak grows.
+- Python heap: the bytes in live blocks of CPython's small-object allocator (pymalloc), which
+  holds every object of at most 512 bytes: the dicts, lists, strings, ints and instances that
+  make up Python-level state. A leak of Python objects shows here first; large buffers
+  (tensors, big arrays) come from malloc and show only in process memory. Read through
+  `_PyObject_DebugMallocStats` into an in-memory stream: a walk over pymalloc's arenas
+  (well under a millisecond), not over objects.
+"""
+
+import ctypes
+import functools
+import os
+import re
+from pathlib import Path
+
+_STATUS_FIELDS = ("RssAnon:", "VmSwap:")
+_ALLOCATED = re.compile(rb"^# bytes in allocated blocks\s*=\s*([\d,]+)\s*$", re.MULTILINE)
+
+
+def anon_memory_bytes(pid: int | None = None) -> int | None:
+    """RssAnon + VmSwap of a process (this one by default); None if it is gone or unreadable."""
+    path = Path("/proc", str(pid if pid is not None else os.getpid()), "status")
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return None
+    total, seen = 0, 0
+    for line in lines:
+        if line.startswith(_STATUS_FIELDS):
+            total += int(line.split()[1]) * 1024  # "RssAnon:   123 kB"
+            seen += 1
+    return total if seen == len(_STATUS_FIELDS) else None
+
+
+class _MallocStats:
+    """ctypes handles for printing pymalloc's statistics into a memory buffer."""
+
+    def __init__(self) -> None:
+        libc = ctypes.CDLL(None)  # the symbols already loaded: libc among them
+        self.open_memstream = libc.open_memstream
+        self.open_memstream.restype = ctypes.c_void_p
+        self.open_memstream.argtypes = [
+            ctypes.POINTER(ctypes.c_void_p),
+            ctypes.POINTER(ctypes.c_size_t),
+        ]
+        self.fclose = libc.fclose
+        self.fclose.argtypes = [ctypes.c_void_p]
+        self.free = libc.free
+        self.free.argtypes = [ctypes.c_void_p]
+        # pythonapi holds the GIL during the call, which pymalloc's state needs.
+        self.print_stats = ctypes.pythonapi._PyObject_DebugMallocStats
+        self.print_stats.argtypes = [ctypes.c_void_p]
+        self.print_stats.restype = ctypes.c_int
+
+    def text(self) -> bytes | None:
+        buffer, size = ctypes.c_void_p(), ctypes.c_size_t()
+        stream = self.open_memstream(ctypes.byref(buffer), ctypes.byref(size))
+        if not stream:
+            return None
+        try:
+            printed = self.print_stats(stream)
+        finally:
+            self.fclose(stream)  # sets buffer and size
+        try:
+            if not printed or buffer.value is None:
+                return None
+            return ctypes.string_at(buffer.value, size.value)
+        finally:
+            self.free(buffer)
+
+
+@functools.cache
+def _malloc_stats() -> _MallocStats | None:
+    try:
+        return _MallocStats()
+    except (OSError, AttributeError, TypeError):  # no libc stream, or no such symbol
+        return None
+
+
+def python_heap_bytes() -> int | None:
+    """Bytes in pymalloc's allocated blocks; None where that cannot be read (no pymalloc,
+    e.g. PYTHONMALLOC=malloc, or a build without the symbol)."""
+    stats = _malloc_stats()
+    text = stats.text() if stats is not None else None
+    match = _ALLOCATED.search(text) if text else None
+    return int(match.group(1).replace(b",", b"")) if match else None
