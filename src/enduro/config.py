@@ -8,6 +8,7 @@ from typing import Any
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 LOG_FORMATS = ("text", "json")
+QUANTIZATIONS = ("none", "int8", "int4")
 
 
 @dataclass(frozen=True)
@@ -24,12 +25,19 @@ class ModelConfig:
     """Prepared-weights cache; None = $ENDURO_CACHE_DIR or ~/.cache/enduro."""
     seed: int = 0
     """Seed of the shared generator used by requests without their own seed."""
+    quantization: str = "none"
+    """Weight-only quantization of the linear layers and output projection (CPU kernels): none,
+    int8 (per-output-channel scales) or int4 (asymmetric, groups of 32 inputs)."""
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError("max_model_len must be at least 2")
+        if self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)}")
+        if self.quantization != "none" and self.device != "cpu":
+            raise ValueError("quantization runs on CPU kernels only: use device cpu")
 
 
 @dataclass(frozen=True)

@@ -85,7 +85,9 @@ class Attention(nn.Module):
         self.sliding_window = sliding_window
         self.rope_interleaved = rope_interleaved
         q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
-        self.qkv_proj = MergedLinear(hidden_size, (q_size, kv_size, kv_size), bias=qkv_bias)
+        # Kept here rather than read from qkv_proj, which quantization may replace.
+        self.qkv_sizes = (q_size, kv_size, kv_size)
+        self.qkv_proj = MergedLinear(hidden_size, self.qkv_sizes, bias=qkv_bias)
         self.o_proj = nn.Linear(q_size, hidden_size, bias=o_proj_bias)
         self.q_norm = RMSNorm(head_dim, norm_eps, norm_unit_offset) if qk_norm else None
         self.k_norm = RMSNorm(head_dim, norm_eps, norm_unit_offset) if qk_norm else None
@@ -99,7 +101,7 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         # x: [T, hidden]; rope: cos, sin [T, rotary_dim / 2] at each token's position
         num_tokens = x.shape[0]
-        q, k, v = self.qkv_proj(x).split(self.qkv_proj.shard_sizes, dim=-1)
+        q, k, v = self.qkv_proj(x).split(self.qkv_sizes, dim=-1)
         q = q.view(num_tokens, self.num_heads, self.head_dim)
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)

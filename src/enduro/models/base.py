@@ -35,7 +35,8 @@ class CausalLM(nn.Module):
         self.embed_tokens = nn.Embedding(arch.vocab_size, arch.hidden_size)
         self.layers = nn.ModuleList(layers)
         self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, arch.norm_unit_offset)
-        self.lm_head = (
+        # None = tied to the embedding; `quantization.quantize_model` may set a quantized copy.
+        self.lm_head: nn.Module | None = (
             None
             if arch.tie_word_embeddings
             else nn.Linear(arch.hidden_size, arch.vocab_size, bias=False)
@@ -74,8 +75,10 @@ class CausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [N, hidden] → logits [N, vocab] in float32."""
-        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        logits = F.linear(hidden, weight).float()
+        if self.lm_head is None:
+            logits = F.linear(hidden, self.embed_tokens.weight).float()
+        else:
+            logits = self.lm_head(hidden).float()
         cap = self.arch.final_logit_softcap
         if cap is not None:
             logits = torch.tanh(logits / cap) * cap

@@ -11,6 +11,7 @@ from enduro.config import EngineConfig
 from enduro.core.scheduler import SchedulerOutput
 from enduro.loading.loader import ModelFiles, open_model
 from enduro.models.arch_config import ArchConfig
+from enduro.models.quantization import quantize_model
 from enduro.models.registry import build_model
 from enduro.outputs import TokenLogprobs
 from enduro.runner.input_batch import build_model_inputs, prompt_logprobs_spans
@@ -51,6 +52,7 @@ class ModelRunner:
         self.arch = ArchConfig.from_hf_config(self.files.hf_config)
         self.model = build_model(self.arch, self.dtype)
         self.model.load_weights(self._weights_with_progress(progress))
+        quantize_model(self.model, config.model.quantization)
         self.model.to(self.device)
         self.load_seconds = time.monotonic() - started
         self.block_size = config.cache.block_size

@@ -1,0 +1,83 @@
+"""Weight-only int8/int4 layers against their dequantized weights, and whole tiny models."""
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from enduro import LLM, SamplingParams
+from enduro.models.quantization import Int4Linear, Int8Linear, quantize_weight
+from tests.conftest import ARCHITECTURES
+
+PROMPT = [5, 17, 42, 8, 99, 3, 250, 11, 7, 300, 12, 6, 40, 41, 42, 43]
+# Max |prompt logprob difference| from the bf16 model on the tiny random-weight models (logprobs
+# near -ln(512) = -6.2). Measured over the five architectures: int8 ≤ 0.013, int4 ≤ 0.10.
+LOGPROB_TOLERANCE = {"int8": 0.05, "int4": 0.3}
+
+
+def tiny_llm(path: Path, quantization: str) -> LLM:
+    return LLM(str(path), dtype="bfloat16", quantization=quantization, num_blocks=64)
+
+
+def prompt_logprobs(llm: LLM) -> torch.Tensor:
+    params = SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=0)
+    (output,) = llm.generate([PROMPT], params)
+    assert output.prompt_logprobs is not None
+    return torch.tensor([lp.logprob for lp in output.prompt_logprobs[1:] if lp])
+
+
+@pytest.mark.parametrize("layer_class", [Int8Linear, Int4Linear])
+@pytest.mark.parametrize("bias", [False, True])
+def test_quantized_linear_matches_dequantized_matmul(
+    layer_class: type[Int8Linear] | type[Int4Linear], bias: bool
+) -> None:
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(48, 96, generator=generator).bfloat16()
+    b = torch.randn(48, generator=generator).bfloat16() if bias else None
+    layer = layer_class(weight, b)
+    x = torch.randn(2, 3, 96, generator=generator).bfloat16()
+    dequantized = layer.dequantized_weight()
+    reference = x.float() @ dequantized.T + (b.float() if b is not None else 0.0)
+    out = layer(x)
+    assert out.shape == (2, 3, 48) and out.dtype == torch.bfloat16
+    # Exact but for bf16 rounding (8 significant bits) of the weights, products and output:
+    # the error is bounded by a few ulps of sum |x * w|, not of the (cancelling) result.
+    magnitude = x.float().abs() @ dequantized.abs().T + (b.float().abs() if b is not None else 0.0)
+    assert ((out.float() - reference).abs() <= 2**-7 * magnitude).all()
+    # Close to the original: within one step of the widest range (exact bound: half a step
+    # of its own row or group, plus bf16 rounding of the scales).
+    steps = {Int8Linear: 1 / 127, Int4Linear: 1 / 15}[layer_class]
+    span = weight.float().abs().amax() * 2
+    assert (layer.dequantized_weight() - weight.float()).abs().max() <= span * steps
+
+
+def test_int4_skips_shapes_the_kernel_cannot_take() -> None:
+    layer = nn.Linear(32, 8, bias=False)  # 8 output rows: the int4 pack needs multiples of 16
+    assert quantize_weight("int4", layer.weight, None) is None
+    assert isinstance(quantize_weight("int8", layer.weight, None), Int8Linear)
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.parametrize("quantization", ["int8", "int4"])
+def test_quantized_model_logprobs_stay_close_to_bf16(
+    arch: str, quantization: str, tiny_model_dir: Callable[[str], Path]
+) -> None:
+    path = tiny_model_dir(arch)
+    reference = prompt_logprobs(tiny_llm(path, "none"))
+    llm = tiny_llm(path, quantization)
+    model = llm.engine.runner.model
+    assert not any(isinstance(m, nn.Linear) for m in model.layers.modules())
+    assert isinstance(model.lm_head, (Int8Linear, Int4Linear))
+    assert model.embed_tokens.weight.dtype == torch.bfloat16  # the lookup keeps full precision
+    ours = prompt_logprobs(llm)
+    assert (ours - reference).abs().max() <= LOGPROB_TOLERANCE[quantization]
+    greedy = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    (output,) = llm.generate([PROMPT], greedy)
+    assert len(output.outputs[0].token_ids) == 8
+
+
+def test_unknown_quantization_is_rejected(tiny_model_dir: Callable[[str], Path]) -> None:
+    with pytest.raises(ValueError, match="quantization"):
+        LLM(str(tiny_model_dir("llama")), quantization="bogus")
