@@ -11,15 +11,13 @@ from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
-from fastapi import FastAPI
 from playwright.sync_api import sync_playwright
 
 from enduro.observability.timeseries import DashboardSampler
 from enduro.server.engine_client import EngineStats
 from enduro.server.ipc import STEP_SECONDS_BUCKETS
 from enduro.server.routes_dashboard import DASHBOARD_DIR
-from tests.server.fakes import InProcessEngineClient, free_port, tiny_app, tiny_engine
+from tests.server.fakes import InProcessEngineClient, serve, tiny_app, tiny_engine
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -82,26 +80,6 @@ class Server:
     sampler: DashboardSampler
 
 
-@contextlib.contextmanager
-def serve_with_lifespan(app: FastAPI) -> Iterator[str]:
-    """fakes.serve with the app's lifespan on (it runs the sampler); yields the base URL."""
-    port = free_port()
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("uvicorn did not start")
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=20)
-
-
 @pytest.fixture(scope="module")
 def server(tiny_model_dir: Callable[[str], Path]) -> Iterator[Server]:
     engine = tiny_engine(
@@ -111,7 +89,7 @@ def server(tiny_model_dir: Callable[[str], Path]) -> Iterator[Server]:
     # The app's own sampler, on the app's registry, but sampling every INTERVAL seconds.
     sampler = app.state.dashboard = DashboardSampler(app.state.dashboard.registry, INTERVAL)
     try:
-        with serve_with_lifespan(app) as url:
+        with serve(app, lifespan="on") as url:
             yield Server(url, engine, sampler)
         # The lifespan has ended: so has sampling.
         num_points = len(sampler.points)

@@ -14,7 +14,7 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import uvicorn
@@ -185,11 +185,14 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def serve(app: Any, **uvicorn_options: Any) -> Iterator[str]:
-    """Run `app` under uvicorn in a thread on 127.0.0.1; yields the base URL."""
+def serve(
+    app: Any, lifespan: Literal["on", "off"] = "off", **uvicorn_options: Any
+) -> Iterator[str]:
+    """Run `app` under uvicorn in a thread on 127.0.0.1; yields the base URL. The app's
+    lifespan (background tasks such as the dashboard sampler) runs only when asked."""
     port = free_port()
     config = uvicorn.Config(
-        app, host="127.0.0.1", port=port, log_level="warning", lifespan="off", **uvicorn_options
+        app, host="127.0.0.1", port=port, log_level="warning", lifespan=lifespan, **uvicorn_options
     )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
