@@ -13,11 +13,9 @@ import asyncio
 import contextlib
 import logging
 import math
-import os
 import signal
 import socket
 from collections.abc import Iterator
-from dataclasses import replace
 from pathlib import Path
 from types import FrameType
 
@@ -32,7 +30,6 @@ from enduro.server.engine_client import EngineClient
 from enduro.server.routes_metrics import metrics_app
 from enduro.tokenizer import Tokenizer
 
-API_KEY_ENV = "ENDURO_API_KEY"
 # The app answers 431 with an error envelope above 16 KiB of headers; beyond this the HTTP
 # parser itself drops the connection, before anything is buffered further.
 MAX_HEADER_BYTES = 64 * 1024
@@ -94,8 +91,8 @@ def run_server(engine_config: EngineConfig, server_config: ServerConfig) -> None
     asyncio.run(serve(engine_config, server_config))
 
 
-async def serve(engine_config: EngineConfig, server_config: ServerConfig) -> None:
-    config = replace(server_config, api_key=server_config.api_key or os.environ.get(API_KEY_ENV))
+async def serve(engine_config: EngineConfig, config: ServerConfig) -> None:
+    # The API key from ENDURO_API_KEY is resolved where it is enforced (create_app).
     configure_logging(config.log_format, role="api")
     # With a metrics port both listeners are bound here, before the engine loads, so a busy
     # port fails at once; without one uvicorn binds the API port itself.
