@@ -41,9 +41,9 @@ def test_engine_config_rejects_unknown_options() -> None:
 def test_serve_help_lists_derived_flags() -> None:
     result = CliRunner().invoke(app, ["serve", "--help"], env={"COLUMNS": "240"})
     assert result.exit_code == 0
-    for flag in ("--max-num-batched-tokens", "--kv-cache-bytes", "--max-queue", "--api-key"):
+    for flag in ("--max-num-batched-tokens", "--kv-cache-max", "--max-queue", "--api-key"):
         assert flag in result.output
-    assert "--no-enable-prefix-caching" in result.output
+    assert "--prefix-cache" in result.output and "--guard" in result.output
 
 
 def test_serve_reports_invalid_values_as_bad_parameters() -> None:

@@ -1,4 +1,4 @@
-"""`enduro serve | generate | bench` — the command line."""
+"""`enduro serve | generate | bench | soak | doctor` — the command line."""
 
 import inspect
 import sys
@@ -10,15 +10,18 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
+from enduro.bench.soak import soak_command
 from enduro.config import (
     DTYPES,
     CacheConfig,
     EngineConfig,
+    GuardConfig,
     ModelConfig,
     SchedulerConfig,
     ServerConfig,
 )
 from enduro.config_flags import config_parameters, split_by_class
+from enduro.guard.doctor import doctor_command
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks (figures, never assertions).")
@@ -77,22 +80,27 @@ def generate(
 
 def serve(**values: Any) -> None:
     """Serve the OpenAI-compatible HTTP API; the engine runs in its own process."""
-    model, cache, scheduler, server = split_by_class(values, *SERVE_CONFIGS)
+    model, cache, scheduler, server, guard = split_by_class(values, *SERVE_CONFIGS)
     try:
         engine_config = EngineConfig(
             ModelConfig(**model), CacheConfig(**cache), SchedulerConfig(**scheduler)
         )
         server_config = ServerConfig(**server)
+        guard_config = GuardConfig(**guard)
     except ValueError as error:
         raise typer.BadParameter(str(error)) from error
     from enduro.server.launcher import run_server
 
-    run_server(engine_config, server_config)
+    run_server(engine_config, server_config, guard_config)
 
 
-SERVE_CONFIGS = (ModelConfig, CacheConfig, SchedulerConfig, ServerConfig)
+SERVE_CONFIGS = (ModelConfig, CacheConfig, SchedulerConfig, ServerConfig, GuardConfig)
 serve.__signature__ = inspect.Signature(config_parameters(*SERVE_CONFIGS))  # type: ignore[attr-defined]
 app.command("serve")(serve)
+
+
+app.command("soak")(soak_command)
+app.command("doctor")(doctor_command)
 
 
 @bench_app.command("offline")

@@ -6,6 +6,8 @@ CLI flags are derived from these fields (see cli.py), so the help text lives her
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from enduro.core.block_pool import PoolLayout
+
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 LOG_FORMATS = ("text", "json")
 QUANTIZATIONS = ("none", "int8", "int4")
@@ -40,24 +42,71 @@ class ModelConfig:
             raise ValueError("quantization runs on CPU kernels only: use device cpu")
 
 
+PREFIX_CACHE_MODES = ("off", "lru")
+
+
 @dataclass(frozen=True)
 class CacheConfig:
     block_size: int = 16
     """Tokens per KV block."""
-    kv_cache_bytes: int = 1 << 30
-    """Memory for the KV cache pool, in bytes."""
+    kv_cache_initial: int = 64 << 20
+    """Memory the KV pool starts with, in bytes (rounded up to whole segments); it never
+    shrinks below this."""
+    kv_cache_max: int = 1 << 30
+    """Memory the KV pool may grow to, in bytes, one segment at a time."""
     num_blocks: int | None = None
-    """Blocks in the pool; overrides kv_cache_bytes when set."""
-    enable_prefix_caching: bool = True
-    """Reuse KV blocks of identical prompt prefixes."""
+    """Blocks in the pool at most; overrides kv_cache_max when set."""
+    kv_segment_blocks: int = 32
+    """Blocks per segment: the unit the pool grows and releases by."""
+    kv_idle_release: float = 60.0
+    """Seconds a segment above the initial size must stay empty before it is released."""
+    kv_fragmentation_threshold: float = 0.5
+    """Compact the pool when this share of its free blocks sits in segments that also hold
+    live blocks, and compaction could release at least one segment."""
+    max_compaction_moves: int = 64
+    """Blocks compaction moves between two steps at most, so latency stays smooth."""
+    prefix_cache: str = "lru"
+    """Reuse KV blocks of identical prompt prefixes: off, or lru (least recently used
+    unreferenced blocks are evicted first)."""
+    prefix_cache_max_bytes: int | None = None
+    """Cap on the memory of unreferenced cached blocks; None = bounded by the pool alone."""
 
     def __post_init__(self) -> None:
         if self.block_size < 1:
             raise ValueError("block_size must be at least 1")
-        if self.kv_cache_bytes < 1:
-            raise ValueError("kv_cache_bytes must be positive")
+        for name in ("kv_cache_initial", "kv_cache_max", "kv_segment_blocks"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive")
+        if self.kv_cache_initial > self.kv_cache_max:
+            raise ValueError("kv_cache_initial must not exceed kv_cache_max")
         if self.num_blocks is not None and self.num_blocks < 1:
             raise ValueError("num_blocks must be at least 1")
+        if self.kv_idle_release < 0:
+            raise ValueError("kv_idle_release must be >= 0")
+        if not 0 <= self.kv_fragmentation_threshold <= 1:
+            raise ValueError("kv_fragmentation_threshold must be in [0, 1]")
+        if self.max_compaction_moves < 0:
+            raise ValueError("max_compaction_moves must be >= 0")
+        if self.prefix_cache not in PREFIX_CACHE_MODES:
+            raise ValueError(f"prefix_cache must be one of {', '.join(PREFIX_CACHE_MODES)}")
+        if self.prefix_cache_max_bytes is not None and self.prefix_cache_max_bytes < 0:
+            raise ValueError("prefix_cache_max_bytes must be >= 0")
+
+    @property
+    def enable_prefix_caching(self) -> bool:
+        return self.prefix_cache != "off"
+
+    def pool_layout(self, bytes_per_block: int) -> PoolLayout:
+        """Blocks, segments and the cache cap, from the byte sizes."""
+        max_num_blocks = self.num_blocks or max(1, self.kv_cache_max // bytes_per_block)
+        segment_blocks = min(self.kv_segment_blocks, max_num_blocks)
+        layout = PoolLayout(max_num_blocks, segment_blocks, 1)
+        initial_blocks = -(-self.kv_cache_initial // bytes_per_block)
+        initial_segments = min(layout.max_num_segments, -(-initial_blocks // segment_blocks))
+        max_cached = None
+        if self.prefix_cache_max_bytes is not None:
+            max_cached = self.prefix_cache_max_bytes // bytes_per_block
+        return PoolLayout(max_num_blocks, segment_blocks, max(1, initial_segments), max_cached)
 
 
 @dataclass(frozen=True)
@@ -72,6 +121,62 @@ class SchedulerConfig:
             raise ValueError("max_num_seqs must be at least 1")
         if self.max_num_batched_tokens < 1:
             raise ValueError("max_num_batched_tokens must be at least 1")
+
+
+GUARD_MODES = ("off", "observe", "heal")
+
+
+@dataclass(frozen=True)
+class GuardConfig:
+    guard: str = "heal"
+    """What the guard does: off (nothing sampled), observe (sample, detect, alert) or heal
+    (also act: trim and compact the KV pool, collect garbage, recycle the engine worker)."""
+    guard_interval: float = 2.0
+    """Seconds between the guard's samples of memory, latency and the KV pool."""
+    guard_warmup: float = 30.0
+    """Seconds after an engine (re)start before its memory counts towards a leak fit."""
+    guard_window: float = 300.0
+    """Seconds of recent samples the leak fit and the memory forecast use."""
+    leak_threshold: int = 64 << 20
+    """Memory growth in bytes per hour that is a leak, when the trend is also significant."""
+    leak_p_value: float = 0.001
+    """Largest Mann-Kendall p-value at which a memory trend counts as real."""
+    drift_k: float = 4.0
+    """Latency drifts when its recent mean passes the baseline mean + k standard deviations."""
+    drift_min_increase: float = 0.25
+    """...and is also at least this much (relative) above the baseline mean."""
+    drift_baseline: float = 600.0
+    """Seconds of samples, before the recent ones, that make the latency baseline."""
+    drift_recent: float = 30.0
+    """Seconds of the most recent samples compared against the baseline."""
+    memory_limit: int | None = None
+    """Bytes the server may use (API + engine); None = the cgroup limit, else physical memory."""
+    guard_cooldown: float = 30.0
+    """Seconds after a remediation before the ladder escalates if the problem persists."""
+    recycle_interval: float = 300.0
+    """Fewest seconds between two recycles of the engine worker."""
+    tracemalloc: bool = False
+    """Trace Python allocations (costly) so `enduro doctor` can show where memory grows."""
+    enable_fault_injection: bool = False
+    """Allow POST /debug/faults to plant leaks, slow steps and fragmentation (tests, demos)."""
+
+    def __post_init__(self) -> None:
+        if self.guard not in GUARD_MODES:
+            raise ValueError(f"guard must be one of {', '.join(GUARD_MODES)}")
+        for name in ("guard_interval", "guard_window", "drift_recent", "drift_baseline"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive")
+        for name in ("guard_warmup", "guard_cooldown", "recycle_interval", "drift_min_increase"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0")
+        if self.leak_threshold < 0:
+            raise ValueError("leak_threshold must be >= 0")
+        if not 0 < self.leak_p_value < 1:
+            raise ValueError("leak_p_value must be in (0, 1)")
+        if self.drift_k <= 0:
+            raise ValueError("drift_k must be positive")
+        if self.memory_limit is not None and self.memory_limit < 1:
+            raise ValueError("memory_limit must be positive")
 
 
 @dataclass(frozen=True)

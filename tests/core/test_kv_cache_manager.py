@@ -14,7 +14,7 @@ def test_block_hashes_chain() -> None:
 
 
 def test_allocate_slots_returns_new_block_ids_or_none() -> None:
-    manager = KVCacheManager(num_blocks=4, block_size=4)
+    manager = KVCacheManager(layout=4, block_size=4)
     request = _request("a", list(range(10)))
     assert manager.allocate_slots(request, 10) == [0, 1, 2]
     request.num_computed_tokens = 10
@@ -27,7 +27,7 @@ def test_allocate_slots_returns_new_block_ids_or_none() -> None:
 
 
 def test_prefix_hit_reuses_full_blocks_and_leaves_one_token() -> None:
-    manager = KVCacheManager(num_blocks=8, block_size=4)
+    manager = KVCacheManager(layout=8, block_size=4)
     first = _request("a", list(range(8)))
     assert manager.allocate_slots(first, 8) == [0, 1]
     manager.free(first)
@@ -43,7 +43,7 @@ def test_prefix_hit_reuses_full_blocks_and_leaves_one_token() -> None:
 
 
 def test_prefix_hit_with_longer_prompt() -> None:
-    manager = KVCacheManager(num_blocks=8, block_size=4)
+    manager = KVCacheManager(layout=8, block_size=4)
     first = _request("a", list(range(9)))
     manager.allocate_slots(first, 9)
     manager.free(first)
@@ -54,7 +54,7 @@ def test_prefix_hit_with_longer_prompt() -> None:
 
 
 def test_prompt_logprobs_bypass_the_prefix_cache() -> None:
-    manager = KVCacheManager(num_blocks=8, block_size=4)
+    manager = KVCacheManager(layout=8, block_size=4)
     first = _request("a", list(range(9)))
     manager.allocate_slots(first, 9)
     manager.free(first)
@@ -63,12 +63,12 @@ def test_prompt_logprobs_bypass_the_prefix_cache() -> None:
 
 
 def test_free_releases_tail_first() -> None:
-    manager = KVCacheManager(num_blocks=4, block_size=2)
+    manager = KVCacheManager(layout=4, block_size=2)
     request = _request("a", [1, 2, 3, 4, 5])
     manager.allocate_slots(request, 5)
     manager.free(request)
     pool = manager.block_pool
-    assert pool.num_free_blocks == 4
+    assert pool.num_available_blocks == 4
     assert pool.num_cached_blocks == 2  # the two full blocks stay cached
     # LRU order evicts the later block (1) before the first one (0).
     taken = pool.get_new_blocks(4)

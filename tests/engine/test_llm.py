@@ -73,7 +73,7 @@ def test_preemption_gives_the_unconstrained_outputs(tiny_model_dir: Callable[[st
     path = tiny_model_dir("llama")
     params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
     roomy = tiny_llm(path).generate(PROMPTS, params)
-    tight_llm = tiny_llm(path, num_blocks=16, enable_prefix_caching=False)
+    tight_llm = tiny_llm(path, num_blocks=16, prefix_cache="off")
     tight = tight_llm.generate(PROMPTS, params)
     assert tight_llm.engine.scheduler.stats.num_preemptions > 0
     assert [o.outputs[0].token_ids for o in tight] == [o.outputs[0].token_ids for o in roomy]
@@ -85,7 +85,7 @@ def test_prefix_cache_serves_a_repeated_prefix(tiny_model_dir: Callable[[str], P
     prefix = [(13 * i) % 500 for i in range(64)]
     prompts = [[*prefix, 3, 4, 5], [*prefix, 6, 7]]
     params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
-    uncached = tiny_llm(path, enable_prefix_caching=False)
+    uncached = tiny_llm(path, prefix_cache="off")
     expected = [uncached.generate([p], params)[0].outputs[0].token_ids for p in prompts]
     cached = tiny_llm(path)
     first = cached.generate([prompts[0]], params)[0]

@@ -19,7 +19,6 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 from enduro.config import ServerConfig
-from enduro.core.block_pool import NOTIONAL_SEGMENT_BLOCKS, BlockPool
 from enduro.observability.engine_collector import EngineCollector
 from enduro.observability.process_memory import anon_memory_bytes
 from enduro.observability.request_record import ERROR_REASONS
@@ -198,8 +197,15 @@ def heartbeat(**changes: Any) -> EngineStats:
         "num_waiting": 2,
         "num_used_blocks": 30,
         "num_cached_blocks": 10,
-        "num_free_blocks": 98,  # the 10 cached ones included
+        "num_free_blocks": 88,
         "num_blocks": 128,
+        "max_num_blocks": 256,
+        "num_segments": 4,
+        "max_num_segments": 8,
+        "num_segments_grown": 6,
+        "num_segments_released": 2,
+        "num_compaction_moves": 17,
+        "num_evictions": 5,
         "num_preemptions": 4,
         "num_prefix_queries": 640,
         "num_prefix_hits": 256,
@@ -208,6 +214,7 @@ def heartbeat(**changes: Any) -> EngineStats:
         "num_generation_tokens": 77,
         "kv_cache_fragmentation": 0.25,
         "kv_cache_bytes": 128 * 4096,
+        "pool_violations": [],
         "python_heap_bytes": 5_000_000,
         "step_seconds_counts": [0, 10, 20, *[0] * 14, 10],
         "step_seconds_sum": 123.5,
@@ -247,7 +254,15 @@ def test_engine_gauges_and_counters_come_from_the_heartbeat() -> None:
         ("enduro_kv_cache_blocks", (("state", "used"),)): 30,
         ("enduro_kv_cache_blocks", (("state", "cached"),)): 10,
         ("enduro_kv_cache_blocks", (("state", "free"),)): 88,
-        ("enduro_kv_cache_usage_ratio", ()): 30 / 128,
+        ("enduro_kv_cache_usage_ratio", ()): 30 / 256,
+        ("enduro_kv_cache_max_blocks", ()): 256,
+        ("enduro_kv_cache_segments", (("state", "allocated"),)): 4,
+        ("enduro_kv_cache_segments", (("state", "max"),)): 8,
+        ("enduro_kv_cache_segments_grown_total", ()): 6,
+        ("enduro_kv_cache_segments_released_total", ()): 2,
+        ("enduro_kv_cache_compaction_moves_total", ()): 17,
+        ("enduro_prefix_cache_evictions_total", ()): 5,
+        ("enduro_kv_cache_invariant_violations", ()): 0,
         ("enduro_kv_cache_fragmentation_ratio", ()): 0.25,
         ("enduro_kv_cache_bytes", ()): 128 * 4096,
         ("enduro_engine_restarts_total", ()): 2,
@@ -294,23 +309,6 @@ def test_without_a_heartbeat_engine_families_are_empty_and_promtool_is_content()
     assert value(registry, "enduro_requests_running") is None
     assert value(registry, "enduro_engine_restarts_total") == 0
     assert promtool_problems(exposition) == ""
-
-
-def test_fragmentation_is_free_blocks_stranded_beside_used_ones() -> None:
-    assert NOTIONAL_SEGMENT_BLOCKS == 64
-    pool = BlockPool(130)  # segments [0, 64), [64, 128), [128, 130)
-    assert pool.fragmentation == 0.0  # nothing used: every segment could go
-    blocks = pool.get_new_blocks(130)
-    assert pool.fragmentation == 0.0  # nothing free
-    pool.cache_block(blocks[10], b"prefix")
-    kept = {5, 129}
-    pool.free_blocks([b for b in reversed(blocks) if b.block_id not in kept])
-    assert pool.num_cached_blocks == 1 and pool.num_free_blocks == 128
-    # Segment 0 strands 63 unreferenced blocks (the cached one among them), segment 2 one;
-    # segment 1 is empty and could be released.
-    assert pool.fragmentation == 64 / 128
-    pool.free_blocks([blocks[129]])
-    assert pool.fragmentation == 63 / 129
 
 
 def test_metrics_port_must_be_its_own() -> None:

@@ -21,13 +21,20 @@ import uvicorn
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 
-from enduro.config import EngineConfig, ServerConfig
+from enduro.config import EngineConfig, GuardConfig, ServerConfig
+from enduro.engine.commands import CommandError, EngineCommands
 from enduro.engine.engine_core import EngineCore
+from enduro.guard.introspection import HeapBaseline
 from enduro.outputs import EngineCoreOutput
 from enduro.request import FinishReason
 from enduro.sampling_params import SamplingParams
 from enduro.server.app import create_app
-from enduro.server.engine_client import EngineDeadError, EngineStats, ModelInfo
+from enduro.server.engine_client import (
+    EngineCommandError,
+    EngineDeadError,
+    EngineStats,
+    ModelInfo,
+)
 from enduro.tokenizer import Tokenizer
 
 Item = EngineCoreOutput | EngineDeadError
@@ -40,9 +47,18 @@ class _Sink:
 
 
 @dataclass
+class _Call:
+    name: str
+    args: dict[str, Any]
+    loop: asyncio.AbstractEventLoop
+    future: "asyncio.Future[dict[str, Any]]"
+
+
+@dataclass
 class _Commands:
     adds: list[tuple[str, list[int], SamplingParams]] = field(default_factory=list)
     aborts: list[str] = field(default_factory=list)
+    calls: list[_Call] = field(default_factory=list)
 
 
 class InProcessEngineClient:
@@ -55,6 +71,7 @@ class InProcessEngineClient:
         self._previous_num_threads = torch.get_num_threads()
         torch.set_num_threads(1)
         self.core = EngineCore(config)
+        self.engine_commands = EngineCommands(self.core, HeapBaseline(trace=False))
         runner = self.core.runner
         tokenizer_dir = runner.files.tokenizer_dir
         self.model_info = ModelInfo(
@@ -115,6 +132,21 @@ class InProcessEngineClient:
             self.aborted.extend(request_ids)
         self._wakeup.set()
 
+    async def command(
+        self, name: str, args: dict[str, Any] | None = None, timeout: float = 60.0
+    ) -> dict[str, Any]:
+        """Run an engine command between two steps of the engine thread."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[dict[str, Any]] = loop.create_future()
+        with self._lock:
+            self._commands.calls.append(_Call(name, dict(args or {}), loop, future))
+        self._wakeup.set()
+        async with asyncio.timeout(timeout):
+            return await future
+
+    async def recycle(self, drain_timeout: float = 300.0) -> int:
+        raise EngineCommandError("an in-process engine cannot be recycled")
+
     @property
     def num_unfinished(self) -> int:
         """Requests the engine still holds (read from another thread: a snapshot)."""
@@ -151,6 +183,25 @@ class InProcessEngineClient:
             self.core.add_request(request_id, token_ids, params)
         if commands.aborts:
             self.core.finish_requests(commands.aborts, FinishReason.ABORT)
+        for call in commands.calls:
+            self._answer(call)
+        self.core.maintain(force=self.engine_commands.force_compaction)
+
+    def _answer(self, call: _Call) -> None:
+        def settle(result: dict[str, Any] | None, error: Exception | None) -> None:
+            if call.future.done():
+                return
+            if error is not None:
+                call.future.set_exception(error)
+            else:
+                call.future.set_result(result or {})
+
+        try:
+            result, error = self.engine_commands.run(call.name, call.args), None
+        except CommandError as e:
+            result, error = None, EngineCommandError(str(e))
+        with contextlib.suppress(RuntimeError):  # the test's loop may be gone
+            call.loop.call_soon_threadsafe(settle, result, error)
 
     def _deliver(self, outputs: list[EngineCoreOutput]) -> None:
         with self._lock:
@@ -224,6 +275,7 @@ def tiny_app(
     *,
     registry: CollectorRegistry | None = None,
     tracer_provider: Any | None = None,
+    guard_config: GuardConfig | None = None,
     **server_options: Any,
 ) -> FastAPI:
     """The API over `engine`, serving the model as "tiny"; metrics into `registry` (a new one
@@ -240,6 +292,7 @@ def tiny_app(
         config,
         registry=registry,
         tracer_provider=tracer_provider,
+        guard_config=guard_config,
     )
 
 
@@ -271,6 +324,14 @@ class ScriptedEngine:
         finally:
             if not finished:
                 self.aborted.append(request_id)
+
+    async def command(
+        self, name: str, args: dict[str, Any] | None = None, timeout: float = 60.0
+    ) -> dict[str, Any]:
+        raise EngineCommandError("a scripted engine runs no commands")
+
+    async def recycle(self, drain_timeout: float = 300.0) -> int:
+        raise EngineCommandError("a scripted engine cannot be recycled")
 
     async def abort(self, request_ids: list[str]) -> None:
         self.aborted.extend(request_ids)

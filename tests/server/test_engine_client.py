@@ -3,6 +3,7 @@ concurrency, client-side aborts, crash and restart, shutdown, and no orphaned ch
 
 import asyncio
 import itertools
+import json
 import os
 import signal
 import socket
@@ -20,6 +21,8 @@ import pytest_asyncio
 from enduro import LLM
 from enduro.config import CacheConfig, EngineConfig, SchedulerConfig
 from enduro.core.scheduler import Scheduler
+from enduro.engine.engine_core import MaintenanceReport
+from enduro.engine.faults import Faults
 from enduro.engine.loop import EngineLoop
 from enduro.outputs import EngineCoreOutput
 from enduro.request import FinishReason
@@ -34,9 +37,12 @@ from enduro.server.ipc import (
     HEADER,
     AbortRequests,
     AddRequest,
+    CommandResult,
+    EngineCommand,
     ErrorReport,
     Heartbeat,
     Message,
+    Shutdown,
     StepOutputs,
     decode_message,
     encode_message,
@@ -348,6 +354,12 @@ class StubCore:
         self.num_tokens: dict[str, int] = {}
         self.fail = fail
         self.kv_cache_bytes = 16 * 4096
+        self.kv_cache_manager = self.scheduler.kv_cache_manager
+        self.num_compaction_moves = 0
+        self.faults = Faults()
+
+    def maintain(self, force: bool = False) -> MaintenanceReport:
+        return MaintenanceReport(0, [])
 
     def add_request(self, request_id: str, prompt: list[int], params: SamplingParams) -> None:
         if request_id in self.num_tokens:
@@ -386,6 +398,30 @@ def run_loop(core: StubCore) -> tuple[socket.socket, BinaryIO, threading.Thread,
     thread = threading.Thread(target=lambda: status.append(loop.run()), daemon=True)
     thread.start()
     return ours, ours.makefile("rb"), thread, status
+
+
+def test_loop_answers_engine_commands_between_steps() -> None:
+    sock, stream, thread, status = run_loop(StubCore())
+    sock.sendall(pack_frame(EngineCommand(1, "collect", "{}")))
+    sock.sendall(pack_frame(EngineCommand(2, "no-such-command", "{}")))
+    sock.sendall(pack_frame(EngineCommand(3, "faults", '{"leak_blocks_per_request": -1}')))
+    results = [next_message(stream, CommandResult) for _ in range(3)]
+    assert all(isinstance(r, CommandResult) for r in results)
+    first, second, third = (r for r in results if isinstance(r, CommandResult))
+    assert (first.command_id, first.ok) == (1, True)
+    assert set(json.loads(first.result_json)) == {
+        "gc_collected",
+        "malloc_trim_released",
+        "memory_before",
+        "memory_after",
+    }
+    assert (second.command_id, second.ok) == (2, False)
+    assert json.loads(second.result_json) == {"error": "unknown engine command 'no-such-command'"}
+    assert (third.command_id, third.ok) == (3, False)
+    assert "fault sizes must be >= 0" in json.loads(third.result_json)["error"]
+    sock.sendall(pack_frame(Shutdown()))
+    thread.join(5)
+    assert status == [0]
 
 
 def next_message(stream: BinaryIO, kind: type[Message]) -> Message:

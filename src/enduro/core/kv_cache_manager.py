@@ -3,7 +3,7 @@
 import hashlib
 from array import array
 
-from enduro.core.block_pool import BlockHash, BlockPool, KVBlock
+from enduro.core.block_pool import BlockHash, BlockPool, KVBlock, PoolLayout, cdiv
 from enduro.request import Request
 
 
@@ -17,14 +17,12 @@ def hash_block_tokens(parent_hash: BlockHash | None, token_ids: list[int]) -> Bl
     return digest.digest()
 
 
-def cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 class KVCacheManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_caching: bool = True) -> None:
+    def __init__(
+        self, layout: PoolLayout | int, block_size: int, enable_caching: bool = True
+    ) -> None:
         self.block_size = block_size
-        self.block_pool = BlockPool(num_blocks, enable_caching)
+        self.block_pool = BlockPool(layout, enable_caching)
         self.req_to_blocks: dict[str, list[KVBlock]] = {}
         self._req_to_hashes: dict[str, list[BlockHash]] = {}
         # How many leading blocks of each request are registered in the prefix cache.
@@ -73,7 +71,7 @@ class KVCacheManager:
         )
         # Hits with ref_cnt 0 are counted as free now but stop being free once touched.
         num_touched_free = sum(1 for block in computed if block.ref_cnt == 0)
-        if num_needed > self.block_pool.num_free_blocks - num_touched_free:
+        if num_needed > self.block_pool.num_available_blocks - num_touched_free:
             if not held:
                 del self.req_to_blocks[request.request_id]
             return None
@@ -117,3 +115,45 @@ class KVCacheManager:
 
     def num_blocks_needed(self, num_tokens: int) -> int:
         return cdiv(num_tokens, self.block_size)
+
+    # ---- compaction and invariants ----------------------------------------------------------
+
+    def compact(self, max_moves: int) -> list[tuple[int, int]]:
+        """Move up to `max_moves` live blocks into lower free blocks so whole segments empty
+        out; block tables are updated here, the KV data must be copied by the caller before
+        the next step. Returns the (src, dst) moves."""
+        moves = self.block_pool.move_blocks(self.block_pool.compaction_sources()[:max_moves])
+        if moves:
+            blocks = self.block_pool.blocks
+            moved = dict(moves)
+            for held in self.req_to_blocks.values():
+                for index, block in enumerate(held):
+                    if block.block_id in moved:
+                        held[index] = blocks[moved[block.block_id]]
+        return moves
+
+    def check_invariants(self) -> list[str]:
+        """Broken invariants of the pool, in words; empty when healthy. O(blocks)."""
+        pool = self.block_pool
+        problems = []
+        counted = pool.num_used_blocks + pool.num_cached_blocks + pool.num_free_blocks
+        if counted != pool.num_blocks:
+            problems.append(
+                f"used + cached + free = {counted} blocks, the pool has {pool.num_blocks}"
+            )
+        holders: dict[int, int] = {}
+        for held in self.req_to_blocks.values():
+            for block in held:
+                holders[block.block_id] = holders.get(block.block_id, 0) + 1
+        orphans = [b.block_id for b in pool.blocks if b.ref_cnt > holders.get(b.block_id, 0)]
+        if orphans:
+            problems.append(
+                f"{len(orphans)} blocks hold references no live request accounts for "
+                f"(first: block {orphans[0]})"
+            )
+        if pool.num_hashed_blocks > pool.num_blocks:
+            problems.append(
+                f"the prefix-hash map has {pool.num_hashed_blocks} entries for "
+                f"{pool.num_blocks} blocks"
+            )
+        return problems

@@ -8,9 +8,11 @@ admitted running request is preempted: its blocks are freed and it is recomputed
 """
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from enduro.config import CacheConfig, SchedulerConfig
+from enduro.core.block_pool import PoolLayout
 from enduro.core.kv_cache_manager import KVCacheManager
 from enduro.request import FinishReason, Request, RequestStatus
 from enduro.sampling_params import SamplingParams
@@ -62,14 +64,16 @@ class SchedulerStats:
 class Scheduler:
     scheduler_config: SchedulerConfig
     cache_config: CacheConfig
-    num_blocks: int
+    layout: PoolLayout | int  # an int is a static pool of that many blocks
     max_model_len: int
     eos_token_ids: tuple[int, ...] = ()
     stats: SchedulerStats = field(default_factory=SchedulerStats)
+    # Called with each request about to give its blocks back (finished, aborted).
+    on_release: Callable[[Request], None] | None = None
 
     def __post_init__(self) -> None:
         self.kv_cache_manager = KVCacheManager(
-            self.num_blocks, self.cache_config.block_size, self.cache_config.enable_prefix_caching
+            self.layout, self.cache_config.block_size, self.cache_config.enable_prefix_caching
         )
         self.requests: dict[str, Request] = {}
         self.waiting: deque[Request] = deque()
@@ -103,8 +107,9 @@ class Scheduler:
             )
         # The last sampled token is never written to the cache.
         needed = self.kv_cache_manager.num_blocks_needed(total - 1)
-        if needed > self.num_blocks:
-            return f"prompt + max_tokens needs {needed} KV blocks; the pool has {self.num_blocks}"
+        max_num_blocks = self.kv_cache_manager.block_pool.max_num_blocks
+        if needed > max_num_blocks:
+            return f"prompt + max_tokens needs {needed} KV blocks; the pool has {max_num_blocks}"
         return None
 
     def finish_requests(self, request_ids: list[str], reason: FinishReason) -> None:
@@ -121,6 +126,8 @@ class Scheduler:
             self._release(request)
 
     def _release(self, request: Request) -> None:
+        if self.on_release is not None:
+            self.on_release(request)
         self.kv_cache_manager.free(request)
         del self.requests[request.request_id]
         if request.request_id in self._known_to_runner:

@@ -5,13 +5,21 @@ Everything it returns is plain data, so it can cross a process boundary unchange
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from enduro.config import EngineConfig
 from enduro.core.scheduler import Scheduler
+from enduro.engine.faults import Faults
 from enduro.outputs import EngineCoreOutput
 from enduro.request import FinishReason, Request
 from enduro.runner.model_runner import ModelRunner
 from enduro.sampling_params import SamplingParams
+
+
+@dataclass(frozen=True)
+class MaintenanceReport:
+    num_moves: int
+    released_segments: list[int]
 
 
 class EngineCore:
@@ -20,13 +28,18 @@ class EngineCore:
     ) -> None:
         self.config = config
         self.runner = ModelRunner(config, progress)
+        self.faults = Faults()
         self.scheduler = Scheduler(
             scheduler_config=config.scheduler,
             cache_config=config.cache,
-            num_blocks=self.runner.num_blocks,
+            layout=self.runner.layout,
             max_model_len=self.runner.max_model_len,
             eos_token_ids=self.runner.arch.eos_token_ids,
+            on_release=self._on_release,
         )
+        self.kv_cache_manager = self.scheduler.kv_cache_manager
+        self.num_compaction_moves = 0
+        self._commit_grown_segments()
         self._rejected: list[EngineCoreOutput] = []
         # When each request was first scheduled, until its first output reports it.
         self._first_scheduled: dict[str, float] = {}
@@ -55,15 +68,47 @@ class EngineCore:
 
     @property
     def kv_cache_bytes(self) -> int:
-        return self.runner.kv_cache.num_bytes
+        """Memory of the allocated KV segments."""
+        return (
+            self.kv_cache_manager.block_pool.num_segments * self.runner.kv_cache.bytes_per_segment
+        )
+
+    def _on_release(self, request: Request) -> None:
+        self.faults.on_finished(request, self.kv_cache_manager)
+
+    def _commit_grown_segments(self) -> None:
+        pool = self.kv_cache_manager.block_pool
+        while pool.grown_segments:
+            self.runner.kv_cache.commit_segment(pool.grown_segments.pop())
+
+    def maintain(self, force: bool = False) -> MaintenanceReport:
+        """Between steps: compact the KV pool when it is fragmented and memory could be
+        returned (a bounded number of moves per call), release segments that compaction
+        emptied or that stayed empty for kv_idle_release seconds. `force` compacts whatever
+        the fragmentation and releases empty segments at once (the guard's trim)."""
+        cache = self.config.cache
+        pool = self.kv_cache_manager.block_pool
+        moves: list[tuple[int, int]] = []
+        fragmented = pool.fragmentation > cache.kv_fragmentation_threshold
+        if (force or fragmented) and pool.num_reclaimable_segments > 0:
+            moves = self.kv_cache_manager.compact(cache.max_compaction_moves)
+            self.runner.kv_cache.copy_blocks(moves)
+            self.num_compaction_moves += len(moves)
+        idle = 0.0 if force or moves else cache.kv_idle_release
+        released = pool.release_empty_segments(idle)
+        for segment in released:
+            self.runner.kv_cache.release_segment(segment)
+        return MaintenanceReport(len(moves), released)
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests or bool(self._rejected)
 
     def step(self) -> list[EngineCoreOutput]:
         outputs, self._rejected = self._rejected, []
+        self.faults.before_step()
         scheduled_at = time.monotonic()
         scheduler_output = self.scheduler.schedule()
+        self._commit_grown_segments()
         for new in scheduler_output.new_requests:  # the runner sees each request once
             self._first_scheduled[new.request_id] = scheduled_at
         runner_output = self.runner.execute(scheduler_output)

@@ -9,6 +9,7 @@ blocks on the queue when idle and drains it between steps when busy. Frames: ser
 import argparse
 import contextlib
 import ctypes
+import json
 import logging
 import os
 import queue
@@ -21,16 +22,22 @@ import traceback
 from types import FrameType
 
 from enduro.config import LOG_FORMATS, EngineConfig
+from enduro.engine.commands import CommandError, EngineCommands
 from enduro.engine.engine_core import EngineCore
+from enduro.engine.profiling import PROFILE_REQUEST_PREFIX, StepProfiler
 from enduro.engine.step_times import StepTimes
 from enduro.engine.warmup import warm_up
+from enduro.guard.introspection import HeapBaseline
 from enduro.observability.logging import configure_logging
 from enduro.observability.process_memory import python_heap_bytes
 from enduro.outputs import EngineCoreOutput
 from enduro.request import FinishReason
+from enduro.sampling_params import SamplingParams
 from enduro.server.ipc import (
     AbortRequests,
     AddRequest,
+    CommandResult,
+    EngineCommand,
     EngineStats,
     ErrorReport,
     Heartbeat,
@@ -48,6 +55,9 @@ from enduro.server.ipc import (
 
 # The client counts on a heartbeat at least every 0.5 s while the loop is between steps.
 HEARTBEAT_INTERVAL = 0.25
+# Checking the KV pool's invariants walks every block: often enough to catch a leak early,
+# rarely enough to cost nothing.
+INVARIANT_CHECK_INTERVAL = 5.0
 # Preemptions come in bursts (the pool ran full); one log line sums up each such stretch.
 PREEMPTION_LOG_INTERVAL = 10.0
 
@@ -66,9 +76,11 @@ def send_message(sock: socket.socket, message: Message) -> None:
 
 
 class EngineLoop:
-    def __init__(self, core: EngineCore, sock: socket.socket) -> None:
+    def __init__(self, core: EngineCore, sock: socket.socket, trace_memory: bool = False) -> None:
         self.core = core
         self.sock = sock
+        self.commands = EngineCommands(core, HeapBaseline(trace_memory))
+        self.profiler: StepProfiler | None = None
         # None marks the end of the incoming stream.
         self.inbox: queue.Queue[Message | None] = queue.Queue()
         self.num_prompt_tokens = 0
@@ -77,6 +89,8 @@ class EngineLoop:
         self.step_times = StepTimes()
         self.last_heartbeat = 0.0
         self.busy_at_heartbeat = False
+        self.pool_violations: list[str] = []
+        self.last_invariant_check = -INVARIANT_CHECK_INTERVAL
         self.num_preemptions_logged = 0
         self.last_preemption_log = -PREEMPTION_LOG_INTERVAL
 
@@ -87,6 +101,7 @@ class EngineLoop:
             while self._apply_commands():
                 if self.core.has_unfinished_requests():
                     self._step()
+                self._maintain()
                 self._maybe_heartbeat()
         except ParentGone:
             log.info("the API process is gone; exiting")
@@ -142,6 +157,8 @@ class EngineLoop:
             self._add(message)
         elif isinstance(message, AbortRequests):
             self.core.finish_requests(message.request_ids, FinishReason.ABORT)
+        elif isinstance(message, EngineCommand):
+            self._command(message)
         else:
             log.warning("ignored a %s message", type(message).__name__)
         return True
@@ -157,16 +174,65 @@ class EngineLoop:
             return
         self.num_prompt_tokens += len(message.prompt_token_ids)
 
-    # ---- steps and heartbeats ---------------------------------------------------------------
+    def _command(self, message: EngineCommand) -> None:
+        try:
+            args = json.loads(message.args_json)
+            if not isinstance(args, dict):
+                raise CommandError("command arguments must be a JSON object")
+            if message.name == "profile":
+                self._start_profile(message.command_id, args)
+                return
+            result = self.commands.run(message.name, args)
+        except (CommandError, ValueError) as e:
+            self._reply(message.command_id, False, {"error": str(e)})
+            return
+        self._reply(message.command_id, True, result)
+
+    def _reply(self, command_id: int, ok: bool, result: dict[str, object]) -> None:
+        self.send(CommandResult(command_id, ok, json.dumps(result)))
+
+    def _start_profile(self, command_id: int, args: dict[str, object]) -> None:
+        if self.profiler is not None:
+            raise CommandError("a profile is already running")
+        num_steps = int(str(args.get("num_steps", 8)))
+        self.profiler = StepProfiler(command_id, num_steps, bool(args.get("trace", False)))
+        if not self.core.has_unfinished_requests():  # idle: make steps to profile
+            params = SamplingParams(max_tokens=self.profiler.num_steps, temperature=0.0)
+            for i in range(4):
+                request_id = f"{PROFILE_REQUEST_PREFIX}{command_id}-{i}"
+                self.core.add_request(request_id, [1 + i] * 32, params)
+
+    # ---- steps, maintenance and heartbeats --------------------------------------------------
 
     def _step(self) -> None:
         started = time.perf_counter()
         outputs = self.core.step()
         self.step_times.observe(time.perf_counter() - started)
         self.last_step_time = time.monotonic()
+        outputs = [o for o in outputs if not o.request_id.startswith(PROFILE_REQUEST_PREFIX)]
         self.num_generation_tokens += sum(len(output.new_token_ids) for output in outputs)
         if outputs:
             self.send(StepOutputs(outputs))
+        if self.profiler is not None and self.profiler.after_step():
+            profiler, self.profiler = self.profiler, None
+            self._reply(profiler.command_id, True, profiler.finish())
+
+    def _maintain(self) -> None:
+        """Compaction and segment release between steps (EngineCore.maintain)."""
+        report = self.core.maintain(force=self.commands.force_compaction)
+        if self.commands.force_compaction and report.num_moves == 0:
+            self.commands.force_compaction = False
+        if report.released_segments:
+            log.info(
+                "released %d KV segments (%d blocks moved)",
+                len(report.released_segments),
+                report.num_moves,
+                extra={
+                    "event": "kv_segments_released",
+                    "segments": report.released_segments,
+                    "num_moves": report.num_moves,
+                },
+            )
 
     def _maybe_heartbeat(self) -> None:
         """Every HEARTBEAT_INTERVAL, and at once when work starts or ends, so the client
@@ -192,6 +258,12 @@ class EngineLoop:
         )
         self.num_preemptions_logged, self.last_preemption_log = num_preemptions, now
 
+    def _pool_violations(self, now: float) -> list[str]:
+        if now - self.last_invariant_check >= INVARIANT_CHECK_INTERVAL:
+            self.pool_violations = self.core.kv_cache_manager.check_invariants()
+            self.last_invariant_check = now
+        return self.pool_violations
+
     def stats(self, now: float) -> EngineStats:
         scheduler = self.core.scheduler
         pool = scheduler.kv_cache_manager.block_pool
@@ -205,6 +277,13 @@ class EngineLoop:
             num_cached_blocks=pool.num_cached_blocks,
             num_free_blocks=pool.num_free_blocks,
             num_blocks=pool.num_blocks,
+            max_num_blocks=pool.max_num_blocks,
+            num_segments=pool.num_segments,
+            max_num_segments=pool.layout.max_num_segments,
+            num_segments_grown=pool.num_segments_grown,
+            num_segments_released=pool.num_segments_released,
+            num_compaction_moves=self.core.num_compaction_moves,
+            num_evictions=pool.num_evictions,
             num_preemptions=scheduler.stats.num_preemptions,
             num_prefix_queries=scheduler.stats.num_prefix_queries,
             num_prefix_hits=scheduler.stats.num_prefix_hits,
@@ -213,6 +292,7 @@ class EngineLoop:
             num_generation_tokens=self.num_generation_tokens,
             kv_cache_fragmentation=pool.fragmentation,
             kv_cache_bytes=self.core.kv_cache_bytes,
+            pool_violations=self._pool_violations(now),
             python_heap_bytes=python_heap_bytes(),
             step_seconds_counts=list(self.step_times.counts),
             step_seconds_sum=self.step_times.sum,
@@ -257,7 +337,7 @@ def _exit_quietly(signum: int, frame: FrameType | None) -> None:
     raise SystemExit(0)
 
 
-def _start(sock: socket.socket, config: EngineConfig) -> EngineLoop | None:
+def _start(sock: socket.socket, config: EngineConfig, trace_memory: bool) -> EngineLoop | None:
     started = time.monotonic()
     try:
         core = EngineCore(config, _log_progress)
@@ -266,7 +346,7 @@ def _start(sock: socket.socket, config: EngineConfig) -> EngineLoop | None:
         log.exception("the engine failed to start")
         send_message(sock, ErrorReport(traceback.format_exc()))
         return None
-    loop = EngineLoop(core, sock)
+    loop = EngineLoop(core, sock, trace_memory)
     loop.send(Ready(model_info(core)))
     seconds = time.monotonic() - started
     log.info("ready in %.1f s", seconds, extra={"event": "engine_ready", "seconds": seconds})
@@ -279,6 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parent-pid", type=int, required=True)
     parser.add_argument("--config", required=True, help="EngineConfig as JSON")
     parser.add_argument("--log-format", choices=LOG_FORMATS, default="text")
+    parser.add_argument("--tracemalloc", action="store_true", help="trace Python allocations")
     args = parser.parse_args(argv)
     _die_with_parent(args.parent_pid)
     configure_logging(args.log_format, role="engine")
@@ -286,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, _exit_quietly)
     sock = socket.socket(fileno=args.fd)
     try:
-        loop = _start(sock, decode_config(args.config))
+        loop = _start(sock, decode_config(args.config), args.tracemalloc)
     except ParentGone:
         return 0
     return loop.run() if loop is not None else 1

@@ -14,7 +14,7 @@ def warm_up(core: EngineCore) -> None:
     (allocator growth, kernel selection). Then forget them: cache, counters and all."""
     scheduler_config = core.config.scheduler
     vocab_size = core.runner.arch.vocab_size
-    capacity = core.runner.num_blocks * core.config.cache.block_size
+    capacity = core.runner.layout.max_num_blocks * core.config.cache.block_size
     # Prompt + 2 tokens must fit the context, and all but the last token the pool.
     prompt_len = min(
         scheduler_config.max_num_batched_tokens, core.runner.max_model_len - 2, capacity - 1
@@ -25,7 +25,8 @@ def warm_up(core: EngineCore) -> None:
     _run_dummy_requests(core, "decode", [[i % vocab_size] for i in range(width)])
     pool = core.scheduler.kv_cache_manager.block_pool
     pool.reset_prefix_cache()
-    pool.num_evictions = 0
+    core.maintain(force=True)  # back to the initial pool size
+    pool.num_evictions = pool.num_segments_grown = pool.num_segments_released = 0
     core.scheduler.stats = SchedulerStats()
 
 

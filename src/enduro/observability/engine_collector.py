@@ -22,7 +22,6 @@ from prometheus_client.core import (
     Metric,
 )
 
-from enduro.core.block_pool import NOTIONAL_SEGMENT_BLOCKS
 from enduro.observability.process_memory import anon_memory_bytes, python_heap_bytes
 from enduro.server.ipc import STEP_SECONDS_BUCKETS, EngineStats
 
@@ -115,23 +114,62 @@ class EngineCollector:
         if stats:
             blocks.add_metric(["used"], stats.num_used_blocks)
             blocks.add_metric(["cached"], stats.num_cached_blocks)
-            blocks.add_metric(["free"], stats.num_free_blocks - stats.num_cached_blocks)
+            blocks.add_metric(["free"], stats.num_free_blocks)
         yield blocks
         yield _gauge(
+            "enduro_kv_cache_max_blocks",
+            "Blocks the KV pool may grow to.",
+            stats.max_num_blocks if stats else None,
+        )
+        segments = GaugeMetricFamily(
+            "enduro_kv_cache_segments",
+            "KV pool segments: allocated (holding memory), and the most there may be.",
+            labels=["state"],
+        )
+        if stats:
+            segments.add_metric(["allocated"], stats.num_segments)
+            segments.add_metric(["max"], stats.max_num_segments)
+        yield segments
+        yield _counter(
+            "enduro_kv_cache_segments_grown",
+            "KV pool segments allocated as the pool grew.",
+            stats.num_segments_grown if stats else None,
+        )
+        yield _counter(
+            "enduro_kv_cache_segments_released",
+            "KV pool segments released (idle, or emptied by compaction).",
+            stats.num_segments_released if stats else None,
+        )
+        yield _counter(
+            "enduro_kv_cache_compaction_moves",
+            "KV blocks moved by compaction.",
+            stats.num_compaction_moves if stats else None,
+        )
+        yield _counter(
+            "enduro_prefix_cache_evictions",
+            "Cached KV blocks evicted (LRU, the byte cap, or a trim).",
+            stats.num_evictions if stats else None,
+        )
+        yield _gauge(
             "enduro_kv_cache_usage_ratio",
-            "Share of KV blocks used by requests (cached blocks count as available).",
-            stats.num_used_blocks / stats.num_blocks if stats else None,
+            "Share of the pool's maximum blocks used by requests (cached blocks are available).",
+            stats.num_used_blocks / stats.max_num_blocks if stats else None,
         )
         yield _gauge(
             "enduro_kv_cache_fragmentation_ratio",
-            "Share of unreferenced KV blocks in segments that also hold used blocks (segments "
-            f"of {NOTIONAL_SEGMENT_BLOCKS} blocks until the elastic pool makes them real).",
+            "Share of free KV blocks in segments that also hold live (used or cached) blocks: "
+            "memory no segment release can return until compaction moves them.",
             stats.kv_cache_fragmentation if stats else None,
         )
         yield _gauge(
             "enduro_kv_cache_bytes",
-            "Memory of the KV cache pool's tensors.",
+            "Memory of the KV pool's allocated segments.",
             stats.kv_cache_bytes if stats else None,
+        )
+        yield _gauge(
+            "enduro_kv_cache_invariant_violations",
+            "Broken KV pool invariants found at the latest check (0 when healthy).",
+            len(stats.pool_violations) if stats else None,
         )
 
     def _step_seconds(self, stats: EngineStats | None) -> Metric:

@@ -5,6 +5,7 @@ Telemetry observes and never steers: a failure here is logged and the request go
 """
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from prometheus_client import CollectorRegistry
@@ -29,6 +30,8 @@ class Telemetry:
         self.metrics = RequestMetrics(registry)
         self.tracer = tracer
         self.request_log = request_log
+        # Also told of every finished request (the guard's latency sampler).
+        self.listeners: list[Callable[[RequestRecord], None]] = []
 
     @classmethod
     def create(
@@ -58,6 +61,8 @@ class Telemetry:
             span = self.tracer.export(record)
             self.request_log.write(record, span)
             self.metrics.observe(record)
+            for listener in self.listeners:
+                listener(record)
         except Exception:
             log.exception("telemetry failed for request %s", record.request_id)
 

@@ -56,12 +56,12 @@ class ModelRunner:
         self.model.to(self.device)
         self.load_seconds = time.monotonic() - started
         self.block_size = config.cache.block_size
-        self.num_blocks = config.cache.num_blocks or max(
-            1, config.cache.kv_cache_bytes // self._bytes_per_block()
-        )
+        self.layout = config.cache.pool_layout(self._bytes_per_block())
+        self.num_blocks = self.layout.max_num_blocks
         self.kv_cache = KVCache(
             self.arch.num_layers,
-            self.num_blocks,
+            self.layout.max_num_blocks,
+            self.layout.segment_blocks,
             self.block_size,
             self.arch.num_kv_heads,
             self.arch.head_dim,

@@ -21,7 +21,8 @@ from prometheus_client import CollectorRegistry
 
 from enduro import __version__
 from enduro.chat_template import END_OF_TURN_TOKENS, ChatTemplate
-from enduro.config import ServerConfig
+from enduro.config import GuardConfig, ServerConfig
+from enduro.guard.service import Guard
 from enduro.observability.telemetry import Telemetry
 from enduro.server import (
     routes_chat,
@@ -43,6 +44,7 @@ from enduro.server.middleware import (
 )
 from enduro.server.routes_common import customize_openapi
 from enduro.server.routes_dashboard import install_dashboard
+from enduro.server.routes_debug import install_debug_routes
 from enduro.tokenizer import Tokenizer
 
 API_KEY_ENV = "ENDURO_API_KEY"
@@ -56,17 +58,27 @@ def create_app(
     *,
     registry: CollectorRegistry | None = None,
     tracer_provider: Any | None = None,
+    guard_config: GuardConfig | None = None,
 ) -> FastAPI:
     """`registry` (default: a new one) receives every metric; `tracer_provider` (default: as
-    the OTEL_* environment says) every span."""
+    the OTEL_* environment says) every span; `guard_config` (default: GuardConfig()) says
+    what the guard does."""
     app = FastAPI(title="enduro", version=__version__, summary="OpenAI-compatible LLM server")
     context = build_context(
-        engine, tokenizer, model_info, config, registry=registry, tracer_provider=tracer_provider
+        engine,
+        tokenizer,
+        model_info,
+        config,
+        registry=registry,
+        tracer_provider=tracer_provider,
+        guard_config=guard_config,
     )
     app.state.context = context
     app.state.draining = False
     for module in (routes_completions, routes_chat, routes_tokens, routes_status, routes_metrics):
         app.include_router(module.router)
+    # /debug/*, and the guard's sampling task during the app's lifespan.
+    install_debug_routes(app)
     # Dashboard: /dashboard, /dashboard/data, and a sampler of the metrics registry that runs
     # during the app's lifespan.
     install_dashboard(app, context.telemetry.registry)
@@ -89,6 +101,7 @@ def build_context(
     *,
     registry: CollectorRegistry | None = None,
     tracer_provider: Any | None = None,
+    guard_config: GuardConfig | None = None,
 ) -> ServerContext:
     served, accepted = model_names(model_info, config)
     build_labels = {
@@ -106,6 +119,8 @@ def build_context(
         registry=registry,
         tracer_provider=tracer_provider,
     )
+    guard = Guard(guard_config or GuardConfig(), engine, telemetry.registry)
+    telemetry.listeners.append(guard.sampler.observe)
     return ServerContext(
         engine=engine,
         tokenizer=tokenizer,
@@ -121,6 +136,7 @@ def build_context(
         ),
         admission=Admission(config.max_queue, config.max_queued_tokens),
         telemetry=telemetry,
+        guard=guard,
         served_model_name=served,
         accepted_model_names=accepted,
         created=int(time.time()),

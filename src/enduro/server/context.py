@@ -7,12 +7,13 @@ import itertools
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Protocol
+from typing import Annotated, Any, Protocol
 
 from fastapi import Depends, Request
 
 from enduro.chat_template import ChatTemplate
 from enduro.config import ServerConfig
+from enduro.guard.service import Guard
 from enduro.observability.telemetry import Telemetry
 from enduro.outputs import EngineCoreOutput
 from enduro.sampling_params import SamplingParams
@@ -50,6 +51,14 @@ class Engine(Protocol):
     def pid(self) -> int | None:
         """The engine process; None while there is none (or it runs in this process)."""
 
+    async def command(
+        self, name: str, args: dict[str, Any] | None = None, timeout: float = 60.0
+    ) -> dict[str, Any]:
+        """Run an engine command (engine/commands.py); EngineCommandError if it fails."""
+
+    async def recycle(self, drain_timeout: float = 300.0) -> int:
+        """Replace the engine worker without failing a request; the new pid."""
+
 
 def model_names(model_info: ModelInfo, config: ServerConfig) -> tuple[str, frozenset[str]]:
     """(the name the API reports, every name a request may use): the served name if one is
@@ -69,6 +78,7 @@ class ServerContext:
     chat_stop_token_ids: tuple[int, ...]  # end-of-turn tokens: a chat reply stops at them
     admission: Admission
     telemetry: Telemetry  # its registry holds every metric: /metrics and the dashboard read it
+    guard: Guard
     served_model_name: str
     accepted_model_names: frozenset[str]
     created: int

@@ -2,20 +2,31 @@
 
 The engine runs in a child process (engine/loop.py) connected by a socketpair; messages are
 framed msgpack (server/ipc.py). Each generate() owns an asyncio.Queue that the socket reader
-fills with its request's outputs. If the child dies, every in-flight generate() raises
+fills with its request's outputs. If the child dies, every generate() in flight on it raises
 EngineDeadError and the supervisor starts a new engine.
+
+recycle() replaces a healthy engine without failing a request: it starts the new worker
+while the old one serves, sends new requests to the new one, lets the old one finish what
+it has, then stops it. For a while two engines run; each request stays with the one that
+took it.
 """
 
 import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 from enduro.config import EngineConfig
 from enduro.outputs import EngineCoreOutput
 from enduro.request import FinishReason
 from enduro.sampling_params import SamplingParams
-from enduro.server.engine_process import EXIT_GRACE, EngineProcess, EngineStartError
+from enduro.server.engine_process import (
+    EXIT_GRACE,
+    EngineCommandError,
+    EngineProcess,
+    EngineStartError,
+)
 from enduro.server.ipc import (
     AbortRequests,
     AddRequest,
@@ -23,9 +34,17 @@ from enduro.server.ipc import (
     ModelInfo,
 )
 
-__all__ = ["EngineClient", "EngineDeadError", "EngineStartError", "EngineStats", "ModelInfo"]
+__all__ = [
+    "EngineClient",
+    "EngineCommandError",
+    "EngineDeadError",
+    "EngineStartError",
+    "EngineStats",
+    "ModelInfo",
+]
 
 MAX_RESTART_BACKOFF = 30.0
+COMMAND_TIMEOUT = 60.0
 
 log = logging.getLogger("enduro.server")
 
@@ -45,17 +64,26 @@ class EngineClient:
         startup_timeout: float = 600.0,
         stall_timeout: float = 30.0,
         log_format: str = "text",
+        trace_memory: bool = False,
     ) -> None:
         self.engine_config = engine_config
         self.log_format = log_format  # the engine process logs as the server does
+        self.trace_memory = trace_memory
         self.startup_timeout = startup_timeout
         self.stall_timeout = stall_timeout
         self._engine: EngineProcess | None = None  # set only while a ready engine serves
         self._model_info: ModelInfo | None = None
         self._queues: dict[str, asyncio.Queue[EngineCoreOutput | EngineDeadError]] = {}
+        self._owners: dict[str, EngineProcess] = {}  # the engine serving each request
         self._supervisor: asyncio.Task[None] | None = None
         self._num_restarts = 0
+        self._num_recycles = 0
+        self._recycling = False
+        self._retiring: set[EngineProcess] = set()  # recycled, still draining
         self._closing = False
+        # Faults armed through /debug/faults stay armed in replacement engines: a recycle
+        # fixes the state a defect built up, not the defect.
+        self._faults: dict[str, Any] | None = None
 
     async def start(self) -> None:
         """Spawn the engine and wait until it is loaded and warm (EngineStartError if not)."""
@@ -74,6 +102,7 @@ class EngineClient:
             raise ValueError(f"request {request_id!r} is already in flight")
         queue: asyncio.Queue[EngineCoreOutput | EngineDeadError] = asyncio.Queue()
         self._queues[request_id] = queue
+        self._owners[request_id] = engine
         finished = False
         try:
             engine.send(AddRequest(request_id, list(prompt_token_ids), params))
@@ -85,13 +114,16 @@ class EngineClient:
                 yield item
         finally:
             del self._queues[request_id]
+            del self._owners[request_id]
             if not finished:
                 engine.send(AbortRequests([request_id]))
 
     async def abort(self, request_ids: list[str]) -> None:
         """Stop requests; their generate() ends with a FinishReason.ABORT output."""
-        if self._engine is not None:
-            self._engine.send(AbortRequests(list(request_ids)))
+        for request_id in request_ids:
+            owner = self._owners.get(request_id)
+            if owner is not None:
+                owner.send(AbortRequests([request_id]))
         for request_id in request_ids:
             queue = self._queues.get(request_id)
             if queue is not None:
@@ -128,6 +160,40 @@ class EngineClient:
         return self._num_restarts
 
     @property
+    def num_recycles(self) -> int:
+        return self._num_recycles
+
+    async def command(
+        self, name: str, args: dict[str, Any] | None = None, timeout: float = COMMAND_TIMEOUT
+    ) -> dict[str, Any]:
+        """Run an engine command (engine/commands.py) on the engine serving new requests."""
+        if name == "faults":
+            self._faults = dict(args or {})
+        return await self._require_engine().command(name, args or {}, timeout)
+
+    async def recycle(self, drain_timeout: float = 300.0) -> int:
+        """Replace the engine with a fresh one and no failed request; returns the new pid.
+
+        The new worker loads and warms up while the old one serves; then new requests go to
+        the new one, the old one finishes its requests (aborted after `drain_timeout`), and
+        is stopped."""
+        if self._recycling or self._closing:
+            raise EngineCommandError("a recycle is already running, or the server is closing")
+        old = self._require_engine()
+        self._recycling = True
+        try:
+            new = await self._launch()
+            if self._engine is not old:  # the old one died meanwhile and was replaced
+                await new.stop(EXIT_GRACE)
+                raise EngineCommandError("the engine was restarted during the recycle")
+            self._swap(new)
+            await self._drain(old, drain_timeout)
+            self._num_recycles += 1
+            return new.pid
+        finally:
+            self._recycling = False
+
+    @property
     def stats(self) -> EngineStats | None:
         return self._engine.stats if self._engine is not None else None
 
@@ -143,8 +209,9 @@ class EngineClient:
             await asyncio.gather(self._supervisor, return_exceptions=True)
         engine, self._engine = self._engine, None
         self._fail_in_flight("the engine was shut down")
-        if engine is not None:
-            await engine.stop(timeout)
+        for retiring in [engine, *self._retiring]:
+            if retiring is not None:
+                await retiring.stop(timeout)
 
     # ---- internals --------------------------------------------------------------------------
 
@@ -160,12 +227,50 @@ class EngineClient:
             if queue is not None:  # else aborted by the client: drop it
                 queue.put_nowait(output)
 
-    def _fail_in_flight(self, reason: str) -> None:
-        for queue in self._queues.values():
-            queue.put_nowait(EngineDeadError(reason))
+    def _fail_in_flight(self, reason: str, engine: EngineProcess | None = None) -> None:
+        """Fail the requests in flight on `engine` (on every engine when None)."""
+        for request_id, queue in self._queues.items():
+            if engine is None or self._owners.get(request_id) is engine:
+                queue.put_nowait(EngineDeadError(reason))
+
+    def _swap(self, new: EngineProcess) -> None:
+        """Send new requests to `new`, and supervise it instead of the current engine."""
+        self._engine = new
+        if self._supervisor is not None:
+            self._supervisor.cancel()
+        self._supervisor = asyncio.create_task(self._supervise())
+
+    async def _drain(self, old: EngineProcess, timeout: float) -> None:
+        self._retiring.add(old)
+        try:
+            await self._drain_requests(old, timeout)
+        finally:
+            await old.stop(EXIT_GRACE)
+            self._retiring.discard(old)
+
+    async def _drain_requests(self, old: EngineProcess, timeout: float) -> None:
+        log.info(
+            "engine %d draining (recycled)",
+            old.pid,
+            extra={"event": "engine_recycle", "engine_pid": old.pid},
+        )
+        deadline = time.monotonic() + timeout
+        while old.alive and time.monotonic() < deadline and self._requests_on(old):
+            await asyncio.sleep(0.05)
+        left = self._requests_on(old)
+        if left and old.alive:
+            log.warning("engine %d still had %d requests after the drain", old.pid, len(left))
+            self._fail_in_flight("the engine was recycled", old)
+        elif not old.alive:
+            self._fail_in_flight(f"the engine process died ({old.describe_exit()})", old)
+
+    def _requests_on(self, engine: EngineProcess) -> list[str]:
+        return [rid for rid, owner in self._owners.items() if owner is engine]
 
     async def _launch(self) -> EngineProcess:
-        engine = await EngineProcess.spawn(self.engine_config, self._route, self.log_format)
+        engine = await EngineProcess.spawn(
+            self.engine_config, self._route, self.log_format, self.trace_memory
+        )
         log.info(
             "engine process %d starting",
             engine.pid,
@@ -173,6 +278,8 @@ class EngineClient:
         )
         try:
             self._model_info = await engine.wait_ready(self.startup_timeout)
+            if self._faults is not None:
+                await engine.command("faults", self._faults, COMMAND_TIMEOUT)
         except BaseException:  # failed, timed out or cancelled: leave no child behind
             await engine.stop(0.0, ask=False)
             raise
@@ -195,7 +302,7 @@ class EngineClient:
                     "num_restarts": self._num_restarts + 1,
                 },
             )
-            self._fail_in_flight(f"the engine process died ({engine.describe_exit()})")
+            self._fail_in_flight(f"the engine process died ({engine.describe_exit()})", engine)
             await engine.stop(EXIT_GRACE, ask=False)  # reap it, killing it if it lingers
             self._num_restarts += 1
             self._engine = await self._relaunch()

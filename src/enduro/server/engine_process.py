@@ -7,6 +7,8 @@ after a crash.
 
 import asyncio
 import contextlib
+import itertools
+import json
 import logging
 import os
 import socket
@@ -18,6 +20,8 @@ from typing import Any
 from enduro.config import EngineConfig
 from enduro.outputs import EngineCoreOutput
 from enduro.server.ipc import (
+    CommandResult,
+    EngineCommand,
     EngineStats,
     ErrorReport,
     Heartbeat,
@@ -44,6 +48,10 @@ class EngineStartError(RuntimeError):
     """The engine process exited or timed out before it was ready."""
 
 
+class EngineCommandError(RuntimeError):
+    """An engine command failed: refused, timed out, or the engine went away."""
+
+
 class EngineProcess:
     """One engine child process and its socket. The client replaces it after a crash."""
 
@@ -64,6 +72,8 @@ class EngineProcess:
         self.last_heartbeat = time.monotonic()
         # Local time of the latest sign of progress: a step, or an idle engine.
         self.last_progress = time.monotonic()
+        self._command_ids = itertools.count(1)
+        self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self._tasks = [
             asyncio.create_task(self._read(reader)),
             asyncio.create_task(self._pump_stderr()),
@@ -75,6 +85,7 @@ class EngineProcess:
         config: EngineConfig,
         on_outputs: Callable[[list[EngineCoreOutput]], None],
         log_format: str = "text",
+        trace_memory: bool = False,
     ) -> "EngineProcess":
         parent_sock, child_sock = socket.socketpair()
         with child_sock:
@@ -82,6 +93,7 @@ class EngineProcess:
                 *(sys.executable, "-m", "enduro.engine.loop", "--fd", str(child_sock.fileno())),
                 *("--parent-pid", str(os.getpid()), "--config", encode_config(config)),
                 *("--log-format", log_format),
+                *(["--tracemalloc"] if trace_memory else []),
                 pass_fds=(child_sock.fileno(),),
                 stdin=asyncio.subprocess.DEVNULL,
                 stderr=asyncio.subprocess.PIPE,
@@ -105,6 +117,22 @@ class EngineProcess:
         # of a cancelled or garbage-collected generator.
         if self.alive and not self.writer.is_closing():
             self.writer.write(pack_frame(message))
+
+    async def command(self, name: str, args: dict[str, Any], timeout: float) -> dict[str, Any]:
+        """Run an engine command (engine/commands.py) and return its result map."""
+        if not self.alive:
+            raise EngineCommandError("the engine is not running")
+        command_id = next(self._command_ids)
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._pending[command_id] = future
+        try:
+            self.send(EngineCommand(command_id, name, json.dumps(args)))
+            async with asyncio.timeout(timeout):
+                return await future
+        except TimeoutError:
+            raise EngineCommandError(f"{name}: no answer within {timeout:.0f} s") from None
+        finally:
+            self._pending.pop(command_id, None)
 
     async def wait_ready(self, timeout: float) -> ModelInfo:
         exited = asyncio.ensure_future(self.proc.wait())
@@ -176,6 +204,10 @@ class EngineProcess:
             self.kill()
         except OSError as e:  # the engine is gone; the supervisor takes it from here
             log.info("lost the socket to engine %d: %s", self.pid, e)
+        finally:
+            for future in self._pending.values():
+                if not future.done():
+                    future.set_exception(EngineCommandError("the engine went away"))
 
     def _dispatch(self, message: Message) -> None:
         now = time.monotonic()
@@ -188,6 +220,8 @@ class EngineProcess:
             if stepped or not (stats.num_running or stats.num_waiting):
                 self.last_progress = now
             self.stats, self.last_heartbeat = stats, now
+        elif isinstance(message, CommandResult):
+            self._resolve(message)
         elif isinstance(message, Ready) and not self.ready.done():
             self.ready.set_result(message.model_info)
             self.last_heartbeat = self.last_progress = now
@@ -202,6 +236,16 @@ class EngineProcess:
             )
         else:
             log.warning("ignored a %s message from the engine", type(message).__name__)
+
+    def _resolve(self, message: CommandResult) -> None:
+        future = self._pending.get(message.command_id)
+        if future is None or future.done():  # timed out meanwhile
+            return
+        result = json.loads(message.result_json)
+        if message.ok:
+            future.set_result(result)
+        else:
+            future.set_exception(EngineCommandError(str(result.get("error"))))
 
     async def _pump_stderr(self) -> None:
         """Pass the engine's stderr through to ours (load progress, logs), keeping a tail."""

@@ -66,9 +66,16 @@ class EngineStats:
     num_running: int
     num_waiting: int
     num_used_blocks: int  # referenced by a request
-    num_cached_blocks: int  # unreferenced prefix-cache blocks (counted as free too)
-    num_free_blocks: int
-    num_blocks: int
+    num_cached_blocks: int  # unreferenced prefix-cache blocks, evicted on demand
+    num_free_blocks: int  # neither, in allocated segments
+    num_blocks: int  # in allocated segments
+    max_num_blocks: int
+    num_segments: int  # allocated
+    max_num_segments: int
+    num_segments_grown: int
+    num_segments_released: int
+    num_compaction_moves: int  # blocks moved by compaction
+    num_evictions: int  # cached blocks evicted
     num_preemptions: int
     num_prefix_queries: int  # prompt tokens looked up in the prefix cache
     num_prefix_hits: int  # of those, tokens served from it
@@ -76,7 +83,8 @@ class EngineStats:
     num_prefill_tokens: int  # prompt tokens computed (recomputes included)
     num_generation_tokens: int
     kv_cache_fragmentation: float  # BlockPool.fragmentation
-    kv_cache_bytes: int  # the KV pool's tensors
+    kv_cache_bytes: int  # the KV pool's allocated segments
+    pool_violations: list[str]  # broken pool invariants (KVCacheManager.check_invariants)
     python_heap_bytes: int | None  # observability/process_memory.py; None if unreadable
     # Steps per bucket of STEP_SECONDS_BUCKETS, then the +Inf bucket (not cumulative), and
     # the sum of their durations in seconds.
@@ -117,13 +125,40 @@ class Heartbeat:
 
 
 @dataclass(frozen=True)
+class EngineCommand:
+    """A narrow action or query for the engine (engine/commands.py lists them). Arguments
+    and results are JSON text: small, schema-free maps, and never pickle."""
+
+    command_id: int
+    name: str
+    args_json: str
+
+
+@dataclass(frozen=True)
+class CommandResult:
+    command_id: int
+    ok: bool
+    result_json: str  # the result map, or {"error": message} when not ok
+
+
+@dataclass(frozen=True)
 class ErrorReport:
     """The engine failed (load or step) and is about to exit non-zero."""
 
     message: str
 
 
-Message = AddRequest | AbortRequests | Shutdown | Ready | StepOutputs | Heartbeat | ErrorReport
+Message = (
+    AddRequest
+    | AbortRequests
+    | Shutdown
+    | Ready
+    | StepOutputs
+    | Heartbeat
+    | ErrorReport
+    | EngineCommand
+    | CommandResult
+)
 
 MESSAGE_KINDS: dict[str, type[Message]] = {
     "add": AddRequest,
@@ -133,6 +168,8 @@ MESSAGE_KINDS: dict[str, type[Message]] = {
     "outputs": StepOutputs,
     "heartbeat": Heartbeat,
     "error": ErrorReport,
+    "command": EngineCommand,
+    "result": CommandResult,
 }
 _KIND_OF = {kind: name for name, kind in MESSAGE_KINDS.items()}
 

@@ -23,7 +23,7 @@ import uvicorn
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from enduro.config import EngineConfig, ServerConfig
+from enduro.config import EngineConfig, GuardConfig, ServerConfig
 from enduro.observability.logging import configure_logging
 from enduro.server.app import create_app
 from enduro.server.engine_client import EngineClient
@@ -87,11 +87,15 @@ def listen(host: str, port: int) -> socket.socket:
         raise SystemExit(f"cannot listen on {host}:{port}: {e}") from e
 
 
-def run_server(engine_config: EngineConfig, server_config: ServerConfig) -> None:
-    asyncio.run(serve(engine_config, server_config))
+def run_server(
+    engine_config: EngineConfig, server_config: ServerConfig, guard_config: GuardConfig
+) -> None:
+    asyncio.run(serve(engine_config, server_config, guard_config))
 
 
-async def serve(engine_config: EngineConfig, config: ServerConfig) -> None:
+async def serve(
+    engine_config: EngineConfig, config: ServerConfig, guard_config: GuardConfig
+) -> None:
     # The API key from ENDURO_API_KEY is resolved where it is enforced (create_app).
     configure_logging(config.log_format, role="api")
     # With a metrics port both listeners are bound here, before the engine loads, so a busy
@@ -99,13 +103,16 @@ async def serve(engine_config: EngineConfig, config: ServerConfig) -> None:
     sockets = None
     if config.metrics_port is not None:
         sockets = [listen(config.host, config.port), listen(config.host, config.metrics_port)]
-    engine = EngineClient(engine_config, log_format=config.log_format)
+    engine = EngineClient(
+        engine_config, log_format=config.log_format, trace_memory=guard_config.tracemalloc
+    )
     await engine.start()
     try:
         info = engine.model_info
         if info.tokenizer_dir is None:
             raise SystemExit(f"{info.source}: the model has no tokenizer; the HTTP API needs one")
-        app = create_app(engine, Tokenizer(Path(info.tokenizer_dir)), info, config)
+        tokenizer = Tokenizer(Path(info.tokenizer_dir))
+        app = create_app(engine, tokenizer, info, config, guard_config=guard_config)
         telemetry = app.state.context.telemetry
         asgi_app: ASGIApp = app
         if config.metrics_port is not None:

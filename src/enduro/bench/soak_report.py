@@ -1,0 +1,342 @@
+"""The soak's report: its time series as CSV and PNGs, and the verdict as JSON and markdown.
+
+The verdict passes when no request failed, memory (API + engine) shows no significant growth
+above the allowed slope after warm-up, p99 TTFT and p99 TPOT did not drift up by more than the
+allowed share between the first and the last 10 % of the rows after warm-up, and (unless told
+otherwise) the server raised no alert. PNGs use matplotlib's object API (`Figure` saved through
+the Agg canvas): no pyplot, so no global figure state and no display.
+"""
+
+import csv
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from matplotlib.figure import Figure
+
+from enduro.guard.stats import theil_sen
+
+MIB = float(1 << 20)
+EDGE_SHARE = 0.1
+"""Share of the rows after warm-up at each end of the run compared for latency drift."""
+SIGNIFICANCE = 0.01
+"""A memory slope with a Mann–Kendall p-value at or above this is not a trend."""
+PLOTS = ("memory.png", "latency.png", "throughput.png", "kv_cache.png")
+
+
+@dataclass(frozen=True)
+class Row:
+    """One interval of the soak: what finished in it, and the server's figures at its end."""
+
+    time: float  # unix seconds at the end of the interval
+    elapsed: float  # seconds since the load started
+    num_ok: int
+    num_failed: int  # 5xx, connection errors, unexpected statuses, error frames mid-stream
+    num_expected_errors: int  # invalid requests answered with the 400 they should get
+    num_aborted: int  # streams the client closed on purpose
+    ttft_p50: float | None  # seconds, over streams finished in the interval
+    ttft_p99: float | None
+    tpot_p50: float | None
+    tpot_p99: float | None
+    output_tokens_per_s: float
+    api_memory_bytes: float | None = None  # None: the server did not report it
+    engine_memory_bytes: float | None = None
+    kv_usage: float | None = None
+    kv_fragmentation: float | None = None
+    kv_cache_bytes: float | None = None
+    engine_restarts: float | None = None
+
+    @property
+    def total_memory_bytes(self) -> float | None:
+        """API + engine; None unless both were read."""
+        if self.api_memory_bytes is None or self.engine_memory_bytes is None:
+            return None
+        return self.api_memory_bytes + self.engine_memory_bytes
+
+
+@dataclass(frozen=True)
+class VerdictCriteria:
+    warmup: float  # seconds at the start left out of the memory fit and the drift
+    max_memory_slope: float  # bytes per hour
+    max_drift: float  # relative rise of p99 TTFT / TPOT allowed
+    fail_on_alert: bool
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    workload: str
+    concurrency: int
+    duration: float  # seconds
+    start_time: float  # unix seconds when the load started
+    command_line: str = ""
+
+
+@dataclass(frozen=True)
+class MemoryTrend:
+    slope: float  # bytes per hour, Theil–Sen
+    low: float  # 95 % confidence interval of the slope, bytes per hour
+    high: float
+    p_value: float  # Mann–Kendall, "no monotonic trend"
+    num_points: int
+
+
+@dataclass(frozen=True)
+class Drift:
+    first: float | None  # mean of the rows' p99 over the first EDGE_SHARE after warm-up
+    last: float | None  # the same over the last EDGE_SHARE
+    relative: float | None  # (last - first) / first
+
+
+@dataclass(frozen=True)
+class RequestCounts:
+    ok: int
+    failed: int
+    expected_errors: int
+    aborted: int
+
+
+@dataclass(frozen=True)
+class Verdict:
+    passed: bool
+    reasons: list[str]
+    run: RunInfo
+    criteria: VerdictCriteria
+    requests: RequestCounts
+    memory: MemoryTrend | None  # None: too few memory readings after warm-up
+    ttft_p99_drift: Drift
+    tpot_p99_drift: Drift
+    alerts: list[dict[str, Any]]
+    events: list[dict[str, Any]]
+    error_samples: list[str]
+
+
+def memory_trend(rows: Sequence[Row]) -> MemoryTrend | None:
+    """Theil–Sen slope of API + engine memory over elapsed time; API alone when the server
+    never reported an engine (rows missing a reading are skipped)."""
+    with_engine = any(row.engine_memory_bytes is not None for row in rows)
+    points = [
+        (row.elapsed, row.total_memory_bytes if with_engine else row.api_memory_bytes)
+        for row in rows
+    ]
+    known = [(x, y) for x, y in points if y is not None]
+    estimate = theil_sen([x for x, _ in known], [y for _, y in known])
+    if estimate is None:
+        return None
+    per_hour = 3600.0
+    return MemoryTrend(
+        estimate.slope * per_hour,
+        estimate.low * per_hour,
+        estimate.high * per_hour,
+        estimate.p_value,
+        estimate.num_points,
+    )
+
+
+def _mean(values: Sequence[float | None]) -> float | None:
+    known = [value for value in values if value is not None]
+    return sum(known) / len(known) if known else None
+
+
+def drift(rows: Sequence[Row], key: str) -> Drift:
+    """`key` (a p99) over the last EDGE_SHARE of `rows` against the first EDGE_SHARE."""
+    if len(rows) < 2:
+        return Drift(None, None, None)
+    n = math.ceil(len(rows) * EDGE_SHARE)
+    first = _mean([getattr(row, key) for row in rows[:n]])
+    last = _mean([getattr(row, key) for row in rows[-n:]])
+    if first is None or last is None or first <= 0:
+        return Drift(first, last, None)
+    return Drift(first, last, (last - first) / first)
+
+
+def compute_verdict(
+    rows: Sequence[Row],
+    events: Sequence[dict[str, Any]],
+    criteria: VerdictCriteria,
+    run: RunInfo,
+    error_samples: Sequence[str] = (),
+) -> Verdict:
+    settled = [row for row in rows if row.elapsed > criteria.warmup]
+    counts = RequestCounts(
+        ok=sum(row.num_ok for row in rows),
+        failed=sum(row.num_failed for row in rows),
+        expected_errors=sum(row.num_expected_errors for row in rows),
+        aborted=sum(row.num_aborted for row in rows),
+    )
+    memory = memory_trend(settled)
+    ttft, tpot = drift(settled, "ttft_p99"), drift(settled, "tpot_p99")
+    alerts = [dict(event) for event in events if event.get("kind") == "alert"]
+    reasons = _failures(counts, memory, {"p99 TTFT": ttft, "p99 TPOT": tpot}, alerts, criteria)
+    return Verdict(
+        passed=not reasons,
+        reasons=reasons,
+        run=run,
+        criteria=criteria,
+        requests=counts,
+        memory=memory,
+        ttft_p99_drift=ttft,
+        tpot_p99_drift=tpot,
+        alerts=alerts,
+        events=[dict(event) for event in events],
+        error_samples=list(error_samples),
+    )
+
+
+def _failures(
+    counts: RequestCounts,
+    memory: MemoryTrend | None,
+    drifts: dict[str, Drift],
+    alerts: list[dict[str, Any]],
+    criteria: VerdictCriteria,
+) -> list[str]:
+    reasons = []
+    if counts.failed:
+        reasons.append(f"{counts.failed} requests failed")
+    if counts.ok == 0:
+        reasons.append("no request succeeded")
+    if memory and memory.slope > criteria.max_memory_slope and memory.p_value < SIGNIFICANCE:
+        reasons.append(
+            f"memory grows {memory.slope / MIB:.1f} MiB/h (95 % CI {memory.low / MIB:.1f} to "
+            f"{memory.high / MIB:.1f}, p = {memory.p_value:.2g}), above "
+            f"{criteria.max_memory_slope / MIB:.1f} MiB/h"
+        )
+    for name, figure in drifts.items():
+        if figure.relative is not None and figure.relative > criteria.max_drift:
+            reasons.append(
+                f"{name} drifted {figure.relative:+.0%} (from {_ms(figure.first)} to "
+                f"{_ms(figure.last)}), above {criteria.max_drift:+.0%}"
+            )
+    if alerts and criteria.fail_on_alert:
+        names = sorted({str(alert.get("name")) for alert in alerts})
+        reasons.append(f"{len(alerts)} alerts: {', '.join(names)}")
+    return reasons
+
+
+def write_report(
+    directory: Path, rows: Sequence[Row], verdict: Verdict, events: Sequence[dict[str, Any]]
+) -> None:
+    """soak.csv, the PNGs, verdict.json and verdict.md into `directory` (created)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    write_csv(directory / "soak.csv", rows)
+    write_plots(directory, rows, events, verdict.run.start_time)
+    (directory / "verdict.json").write_text(json.dumps(asdict(verdict), indent=2) + "\n")
+    (directory / "verdict.md").write_text(verdict_markdown(verdict))
+
+
+def write_csv(path: Path, rows: Sequence[Row]) -> None:
+    names = [column.name for column in fields(Row)]
+    with path.open("w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=names)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: "" if v is None else v for k, v in asdict(row).items()})
+
+
+def _ms(value: float | None) -> str:
+    return "–" if value is None else f"{value * 1e3:.1f} ms"
+
+
+def _drift_cell(figure: Drift) -> str:
+    change = "–" if figure.relative is None else f"{figure.relative:+.1%}"
+    return f"{_ms(figure.first)} → {_ms(figure.last)} ({change})"
+
+
+def verdict_markdown(verdict: Verdict) -> str:
+    run, counts, memory = verdict.run, verdict.requests, verdict.memory
+    slope = "– (too few readings)"
+    if memory is not None:
+        slope = (
+            f"{memory.slope / MIB:+.2f} MiB/h (95 % CI {memory.low / MIB:+.2f} to "
+            f"{memory.high / MIB:+.2f}, p = {memory.p_value:.2g}, {memory.num_points} points)"
+        )
+    lines = [
+        f"# Soak: {'PASS' if verdict.passed else 'FAIL'}",
+        "",
+        f"`{run.command_line}`" if run.command_line else "",
+        "",
+        "| figure | value |",
+        "| --- | --- |",
+        f"| workload | {run.workload}, concurrency {run.concurrency}, {run.duration:.0f} s |",
+        f"| requests ok / failed | {counts.ok} / {counts.failed} |",
+        f"| expected 400s / client aborts | {counts.expected_errors} / {counts.aborted} |",
+        f"| memory slope (API + engine) | {slope} |",
+        f"| p99 TTFT, first → last 10 % | {_drift_cell(verdict.ttft_p99_drift)} |",
+        f"| p99 TPOT, first → last 10 % | {_drift_cell(verdict.tpot_p99_drift)} |",
+        f"| alerts | {len(verdict.alerts)} |",
+        "",
+        *[f"- {reason}" for reason in verdict.reasons],
+        "",
+        *[f"![{name.removesuffix('.png')}]({name})" for name in PLOTS],
+        "",
+    ]
+    return "\n".join(lines)
+
+
+# Plots -----------------------------------------------------------------------------------
+
+Series = tuple[str, str, float]  # label, Row attribute, unit the values are divided by
+MEMORY_SERIES: list[Series] = [
+    ("api", "api_memory_bytes", MIB),
+    ("engine", "engine_memory_bytes", MIB),
+    ("api + engine", "total_memory_bytes", MIB),
+]
+PANELS: dict[str, tuple[str, list[tuple[str, list[Series]]]]] = {
+    "memory.png": ("Memory", [("MiB", MEMORY_SERIES)]),
+    "latency.png": (
+        "Latency",
+        [
+            ("TTFT (ms)", [("p50", "ttft_p50", 1e-3), ("p99", "ttft_p99", 1e-3)]),
+            ("TPOT (ms)", [("p50", "tpot_p50", 1e-3), ("p99", "tpot_p99", 1e-3)]),
+        ],
+    ),
+    "throughput.png": (
+        "Throughput",
+        [("output tokens/s", [("tokens/s", "output_tokens_per_s", 1)])],
+    ),
+    "kv_cache.png": (
+        "KV cache",
+        [("ratio", [("usage", "kv_usage", 1), ("fragmentation", "kv_fragmentation", 1)])],
+    ),
+}
+
+
+def write_plots(
+    directory: Path, rows: Sequence[Row], events: Sequence[dict[str, Any]], start_time: float
+) -> None:
+    """One PNG per entry of PANELS against minutes since the start; the server's alerts as
+    red dotted vertical lines, its actions as blue ones."""
+    minutes = [row.elapsed / 60 for row in rows]
+    for name, (title, panels) in PANELS.items():
+        figure = Figure(figsize=(9, 2.5 + 2.5 * len(panels)))
+        axes_list = figure.subplots(len(panels), 1, sharex=True, squeeze=False)[:, 0]
+        for axes, (ylabel, series) in zip(axes_list, panels, strict=True):
+            for label, key, unit in series:
+                values = [
+                    math.nan if (v := getattr(row, key)) is None else v / unit for row in rows
+                ]
+                # Markers: a lone reading between gaps would not show as a line.
+                axes.plot(minutes, values, marker=".", label=label)
+            _mark_events(axes, events, start_time)
+            axes.set_ylabel(ylabel)
+            axes.grid(alpha=0.3)
+            axes.legend(loc="upper left", fontsize="small")
+        axes_list[0].set_title(title)
+        axes_list[-1].set_xlabel("minutes since the start")
+        figure.tight_layout()
+        figure.savefig(directory / name, dpi=100)
+
+
+def _mark_events(axes: Any, events: Sequence[dict[str, Any]], start_time: float) -> None:
+    colors = {"alert": "tab:red", "action": "tab:blue"}
+    labelled: set[str] = set()
+    for event in events:
+        kind = str(event.get("kind"))
+        if kind not in colors or not isinstance(event.get("time"), int | float):
+            continue
+        label = None if kind in labelled else f"{kind}s"
+        labelled.add(kind)
+        minute = (event["time"] - start_time) / 60
+        axes.axvline(minute, color=colors[kind], linestyle=":", alpha=0.8, label=label)

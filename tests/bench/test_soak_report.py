@@ -1,0 +1,161 @@
+import csv
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from enduro.bench.soak_report import (
+    MIB,
+    PLOTS,
+    Drift,
+    Row,
+    RunInfo,
+    VerdictCriteria,
+    compute_verdict,
+    drift,
+    write_report,
+)
+
+START = 1_700_000_000.0
+RUN = RunInfo("mixed", 4, 100.0, START, "enduro soak --duration 100")
+CRITERIA = VerdictCriteria(
+    warmup=10.0, max_memory_slope=64 * MIB, max_drift=0.25, fail_on_alert=True
+)
+
+
+def rows(
+    count: int = 100,
+    memory: Any = lambda elapsed: 1000 * MIB,
+    ttft: Any = lambda i: 0.25,
+    tpot: Any = lambda i: 0.125,
+    **fields: Any,
+) -> list[Row]:
+    """One row per second from 1 to `count` s; api holds a third of the memory, engine the rest."""
+    result = []
+    for i in range(count):
+        elapsed = float(i + 1)
+        total = memory(elapsed)
+        row = Row(
+            time=START + elapsed,
+            elapsed=elapsed,
+            num_ok=10,
+            num_failed=0,
+            num_expected_errors=1,
+            num_aborted=2,
+            ttft_p50=0.1,
+            ttft_p99=ttft(i),
+            tpot_p50=0.1,
+            tpot_p99=tpot(i),
+            output_tokens_per_s=500.0,
+            api_memory_bytes=total / 3,
+            engine_memory_bytes=total * 2 / 3,
+            kv_usage=0.5,
+            kv_fragmentation=0.0,
+        )
+        result.append(dataclasses.replace(row, **fields))
+    return result
+
+
+def test_flat_memory_passes() -> None:
+    verdict = compute_verdict(rows(), [], CRITERIA, RUN)
+    assert verdict.passed and verdict.reasons == []
+    assert verdict.memory is not None and verdict.memory.slope == 0.0
+    assert verdict.memory.num_points == 90  # the first 10 s are warm-up
+    assert (verdict.requests.ok, verdict.requests.expected_errors) == (1000, 100)
+    assert (verdict.requests.failed, verdict.requests.aborted) == (0, 200)
+
+
+def test_a_memory_ramp_fails_with_its_slope() -> None:
+    ramp = rows(memory=lambda elapsed: 1000 * MIB + elapsed * MIB)  # 1 MiB/s = 3600 MiB/h
+    verdict = compute_verdict(ramp, [], CRITERIA, RUN)
+    assert not verdict.passed
+    assert verdict.memory is not None
+    assert verdict.memory.slope == pytest.approx(3600 * MIB)
+    assert verdict.memory.low <= verdict.memory.slope <= verdict.memory.high
+    assert verdict.memory.p_value < 0.01
+    assert verdict.reasons == [
+        "memory grows 3600.0 MiB/h (95 % CI 3600.0 to 3600.0, p = "
+        f"{verdict.memory.p_value:.2g}), above 64.0 MiB/h"
+    ]
+
+
+def test_growth_during_warmup_is_not_counted() -> None:
+    settling = rows(memory=lambda elapsed: min(elapsed, 10.0) * 100 * MIB)
+    verdict = compute_verdict(settling, [], CRITERIA, RUN)
+    assert verdict.passed and verdict.memory is not None and verdict.memory.slope == 0.0
+
+
+def test_a_slope_without_significance_passes() -> None:
+    # A saw tooth: steep between readings, but no monotonic trend.
+    saw = rows(memory=lambda elapsed: (1000 + (elapsed % 2) * 500) * MIB)
+    verdict = compute_verdict(saw, [], CRITERIA, RUN)
+    assert verdict.memory is not None and verdict.memory.p_value >= 0.01
+    assert verdict.passed
+
+
+def test_memory_without_engine_figures_is_the_api_alone() -> None:
+    api_only = rows(memory=lambda elapsed: elapsed * MIB, engine_memory_bytes=None)
+    verdict = compute_verdict(api_only, [], CRITERIA, RUN)
+    assert verdict.memory is not None
+    assert verdict.memory.slope == pytest.approx(3600 * MIB / 3)
+
+
+def test_drift_compares_the_first_and_last_tenth_after_warmup() -> None:
+    # Rows 10..99 are after warm-up (elapsed > 10 s): 90 rows, so 9 at each end.
+    ttft = lambda i: 0.5 if i >= 91 else 0.25  # noqa: E731
+    tpot = lambda i: 0.15625 if i >= 91 else (9.0 if i < 10 else 0.125)  # noqa: E731
+    verdict = compute_verdict(rows(ttft=ttft, tpot=tpot), [], CRITERIA, RUN)
+    assert verdict.ttft_p99_drift == Drift(first=0.25, last=0.5, relative=1.0)
+    assert verdict.tpot_p99_drift == Drift(first=0.125, last=0.15625, relative=0.25)
+    assert verdict.reasons == ["p99 TTFT drifted +100% (from 250.0 ms to 500.0 ms), above +25%"]
+
+
+def test_drift_skips_missing_figures() -> None:
+    sparse = rows(count=20, ttft_p99=None)
+    sparse[19] = dataclasses.replace(sparse[19], ttft_p99=1.0)
+    assert drift(sparse, "ttft_p99") == Drift(first=None, last=1.0, relative=None)
+    assert drift(sparse[:1], "ttft_p99") == Drift(None, None, None)
+
+
+def test_failed_requests_and_alerts_fail() -> None:
+    failing = rows(count=20, num_failed=1, num_ok=0)
+    events = [
+        {"id": 1, "time": START + 5, "kind": "alert", "name": "memory_leak", "severity": "warn"},
+        {"id": 2, "time": START + 6, "kind": "action", "name": "gc", "severity": "info"},
+        {"id": 3, "time": START + 9, "kind": "resolved", "name": "memory_leak"},
+    ]
+    verdict = compute_verdict(failing, events, CRITERIA, RUN, ["20 × 500: boom"])
+    assert verdict.reasons == [
+        "20 requests failed",
+        "no request succeeded",
+        "1 alerts: memory_leak",
+    ]
+    assert [alert["id"] for alert in verdict.alerts] == [1]
+    assert len(verdict.events) == 3 and verdict.error_samples == ["20 × 500: boom"]
+    lenient = dataclasses.replace(CRITERIA, fail_on_alert=False)
+    ok_rows = rows(count=20)
+    assert compute_verdict(ok_rows, events, lenient, RUN).passed
+    assert not compute_verdict(ok_rows, events, CRITERIA, RUN).passed
+
+
+def test_report_files(tmp_path: Path) -> None:
+    series = rows(count=30, kv_cache_bytes=None)
+    events = [{"id": 1, "time": START + 12, "kind": "alert", "name": "ttft_drift"}]
+    verdict = compute_verdict(series, events, CRITERIA, RUN)
+    write_report(tmp_path / "report", series, verdict, events)
+    with (tmp_path / "report" / "soak.csv").open() as file:
+        table = list(csv.DictReader(file))
+    assert len(table) == 30
+    assert table[0]["elapsed"] == "1.0" and table[0]["kv_cache_bytes"] == ""
+    assert float(table[0]["api_memory_bytes"]) == pytest.approx(1000 * MIB / 3)
+    saved = json.loads((tmp_path / "report" / "verdict.json").read_text())
+    assert saved["passed"] is False and saved["reasons"] == ["1 alerts: ttft_drift"]
+    assert saved["run"]["command_line"] == "enduro soak --duration 100"
+    assert saved["memory"]["slope"] == 0.0 and saved["requests"]["ok"] == 300
+    markdown = (tmp_path / "report" / "verdict.md").read_text()
+    assert markdown.startswith("# Soak: FAIL") and "- 1 alerts: ttft_drift" in markdown
+    for name in PLOTS:
+        assert f"]({name})" in markdown
+        assert (tmp_path / "report" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
