@@ -133,8 +133,9 @@ class GuardConfig:
     (also act: trim and compact the KV pool, collect garbage, recycle the engine worker)."""
     guard_interval: float = 2.0
     """Seconds between the guard's samples of memory, latency and the KV pool."""
-    guard_warmup: float = 30.0
-    """Seconds after an engine (re)start before its memory counts towards a leak fit."""
+    guard_warmup: float = 120.0
+    """Seconds after a process (re)starts before its memory counts towards a leak fit: the
+    first requests of each kind still import modules and fill caches."""
     guard_window: float = 300.0
     """Seconds of recent samples the leak fit and the memory forecast use."""
     leak_threshold: int = 64 << 20

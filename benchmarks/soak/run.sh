@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# The recorded soaks of benchmarks/README.md ("Soak"), one after the other, on the default
+# model with `enduro serve`'s defaults (guard heal). Usage: benchmarks/soak/run.sh [RUN...]
+# where RUN is agent, leak-observe, leak-heal, alloc-glibc, alloc-arena2, alloc-jemalloc.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+out=benchmarks/soak
+leak='{"leak_bytes_per_request": 262144}'
+jemalloc=/usr/lib/x86_64-linux-gnu/libjemalloc.so.2
+
+soak() { .venv/bin/enduro soak "$@" || true; }  # a FAIL verdict is a result, not an error
+
+run() {
+  case "$1" in
+    agent) soak --duration 30m --concurrency 8 --workload agent --report "$out/agent" \
+             --max-drift 0.05 ;;
+    leak-observe|leak-heal)
+      soak --duration 15m --concurrency 8 --workload agent --report "$out/$1" \
+        --faults "$leak" --faults-at 3m --no-fail-on-alert \
+        --serve-arg=--enable-fault-injection --serve-arg="--guard=${1#leak-}" ;;
+    alloc-glibc) soak --duration 6m --concurrency 8 --workload mixed --report "$out/$1" ;;
+    alloc-arena2) MALLOC_ARENA_MAX=2 soak --duration 6m --concurrency 8 --workload mixed \
+                    --report "$out/$1" ;;
+    alloc-jemalloc) LD_PRELOAD="$jemalloc" soak --duration 6m --concurrency 8 \
+                      --workload mixed --report "$out/$1" ;;
+    *) echo "unknown run $1" >&2; exit 2 ;;
+  esac
+}
+
+for name in "${@:-agent leak-observe leak-heal alloc-glibc alloc-arena2 alloc-jemalloc}"; do
+  for one in $name; do run "$one"; done
+done
