@@ -23,7 +23,7 @@ RULE_TESTS = PROMETHEUS_DIR / "enduro-alerts.test.yml"
 CONFIG = PROMETHEUS_DIR / "prometheus.yml"
 DASHBOARD = ROOT / "deploy" / "grafana" / "enduro-dashboard.json"
 
-# What enduro exports (src/enduro/observability/metrics.py), plus the standard
+# What enduro exports (observability/metrics.py, engine_collector.py, guard/), plus the standard
 # process_* and python_gc_* collectors.
 ENDURO_METRICS = frozenset(
     {
@@ -44,6 +44,19 @@ ENDURO_METRICS = frozenset(
         "enduro_process_memory_bytes",
         "enduro_python_heap_bytes",
         "enduro_build_info",
+        "enduro_kv_cache_max_blocks",
+        "enduro_kv_cache_segments",
+        "enduro_kv_cache_segments_grown_total",
+        "enduro_kv_cache_segments_released_total",
+        "enduro_kv_cache_compaction_moves_total",
+        "enduro_kv_cache_invariant_violations",
+        "enduro_prefix_cache_evictions_total",
+        "enduro_guard_alerts_total",
+        "enduro_guard_actions_total",
+        "enduro_guard_active_alerts",
+        "enduro_memory_forecast_seconds",
+        "enduro_memory_growth_bytes_per_hour",
+        "enduro_memory_limit_bytes",
     }
 )
 ENDURO_HISTOGRAMS = frozenset(
