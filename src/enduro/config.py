@@ -144,12 +144,14 @@ class GuardConfig:
     """Largest Mann-Kendall p-value at which a memory trend counts as real."""
     drift_k: float = 4.0
     """Latency drifts when its recent mean passes the baseline mean + k standard deviations."""
-    drift_min_increase: float = 0.25
-    """...and is also at least this much (relative) above the baseline mean."""
+    drift_min_increase: float = 0.5
+    """...and is also at least this much (relative) above the baseline mean: a workload's
+    own swings (longer contexts, bigger batches) move latency by tens of percent."""
     drift_baseline: float = 600.0
     """Seconds of samples, before the recent ones, that make the latency baseline."""
-    drift_recent: float = 30.0
-    """Seconds of the most recent samples compared against the baseline."""
+    drift_recent: float = 120.0
+    """Seconds of the most recent samples compared against the baseline: a drift must last
+    this long to count."""
     memory_limit: int | None = None
     """Bytes the server may use (API + engine); None = the cgroup limit, else physical memory."""
     guard_cooldown: float = 30.0
