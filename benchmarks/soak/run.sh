@@ -18,11 +18,13 @@ run() {
       soak --duration 15m --concurrency 8 --workload agent --report "$out/$1" \
         --faults "$leak" --faults-at 3m --no-fail-on-alert \
         --serve-arg=--enable-fault-injection --serve-arg="--guard=${1#leak-}" ;;
-    alloc-glibc) soak --duration 6m --concurrency 8 --workload mixed --report "$out/$1" ;;
-    alloc-arena2) MALLOC_ARENA_MAX=2 soak --duration 6m --concurrency 8 --workload mixed \
-                    --report "$out/$1" ;;
-    alloc-jemalloc) LD_PRELOAD="$jemalloc" soak --duration 6m --concurrency 8 \
-                      --workload mixed --report "$out/$1" ;;
+    # The allocator of the engine process, with the guard only watching (its trims and
+    # collects would hide what each allocator keeps).
+    alloc-glibc|alloc-arena2|alloc-jemalloc)
+      if [ "$1" = alloc-arena2 ]; then export MALLOC_ARENA_MAX=2; else unset MALLOC_ARENA_MAX; fi
+      soak --duration 8m --concurrency 8 --workload agent --report "$out/$1" \
+        --no-fail-on-alert --serve-arg=--guard=observe \
+        --serve-arg="--engine-allocator=$( [ "$1" = alloc-jemalloc ] && echo jemalloc || echo glibc)" ;;
     *) echo "unknown run $1" >&2; exit 2 ;;
   esac
 }

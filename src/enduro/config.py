@@ -10,6 +10,7 @@ from enduro.core.block_pool import PoolLayout
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 LOG_FORMATS = ("text", "json")
+ENGINE_ALLOCATORS = ("auto", "glibc", "jemalloc")
 QUANTIZATIONS = ("none", "int8", "int4")
 
 
@@ -239,6 +240,9 @@ class ServerConfig:
     event)."""
     log_prompts: bool = False
     """Put prompt text in the request log lines (off by default: prompts may be personal)."""
+    engine_allocator: str = "auto"
+    """malloc of the engine process: auto (jemalloc when Debian's libjemalloc2 is installed,
+    else glibc), glibc, or jemalloc."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536:
@@ -248,6 +252,8 @@ class ServerConfig:
                 raise ValueError("metrics_port must be in [1, 65535]")
             if self.metrics_port == self.port:
                 raise ValueError("metrics_port must differ from port")
+        if self.engine_allocator not in ENGINE_ALLOCATORS:
+            raise ValueError(f"engine_allocator must be one of {', '.join(ENGINE_ALLOCATORS)}")
         if self.log_format not in LOG_FORMATS:
             raise ValueError(f"log_format must be one of {', '.join(LOG_FORMATS)}")
         for name in ("max_body_bytes", "max_queue", "max_queued_tokens", "max_n"):

@@ -27,7 +27,7 @@ from enduro.engine.engine_core import EngineCore
 from enduro.engine.profiling import PROFILE_REQUEST_PREFIX, StepProfiler
 from enduro.engine.step_times import StepTimes
 from enduro.engine.warmup import warm_up
-from enduro.guard.introspection import HeapBaseline
+from enduro.guard.introspection import HeapBaseline, collect_and_trim
 from enduro.observability.logging import configure_logging
 from enduro.observability.process_memory import python_heap_bytes
 from enduro.outputs import EngineCoreOutput
@@ -342,6 +342,9 @@ def _start(sock: socket.socket, config: EngineConfig, trace_memory: bool) -> Eng
     try:
         core = EngineCore(config, _log_progress)
         warm_up(core)
+        # Loading (dequantization, the prepared-weights cache) frees hundreds of MB that
+        # glibc would otherwise keep for the life of the process.
+        collect_and_trim()
     except Exception:
         log.exception("the engine failed to start")
         send_message(sock, ErrorReport(traceback.format_exc()))

@@ -21,6 +21,7 @@ from enduro.config import EngineConfig
 from enduro.outputs import EngineCoreOutput
 from enduro.request import FinishReason
 from enduro.sampling_params import SamplingParams
+from enduro.server.allocator import engine_environment
 from enduro.server.engine_process import (
     EXIT_GRACE,
     EngineCommandError,
@@ -65,10 +66,12 @@ class EngineClient:
         stall_timeout: float = 30.0,
         log_format: str = "text",
         trace_memory: bool = False,
+        allocator: str = "glibc",
     ) -> None:
         self.engine_config = engine_config
         self.log_format = log_format  # the engine process logs as the server does
         self.trace_memory = trace_memory
+        self.engine_env = engine_environment(allocator)  # checked now, not at the first spawn
         self.startup_timeout = startup_timeout
         self.stall_timeout = stall_timeout
         self._engine: EngineProcess | None = None  # set only while a ready engine serves
@@ -269,7 +272,7 @@ class EngineClient:
 
     async def _launch(self) -> EngineProcess:
         engine = await EngineProcess.spawn(
-            self.engine_config, self._route, self.log_format, self.trace_memory
+            self.engine_config, self._route, self.log_format, self.trace_memory, self.engine_env
         )
         log.info(
             "engine process %d starting",

@@ -86,6 +86,7 @@ class EngineProcess:
         on_outputs: Callable[[list[EngineCoreOutput]], None],
         log_format: str = "text",
         trace_memory: bool = False,
+        env: dict[str, str] | None = None,
     ) -> "EngineProcess":
         parent_sock, child_sock = socket.socketpair()
         with child_sock:
@@ -95,6 +96,7 @@ class EngineProcess:
                 *("--log-format", log_format),
                 *(["--tracemalloc"] if trace_memory else []),
                 pass_fds=(child_sock.fileno(),),
+                env=env,
                 stdin=asyncio.subprocess.DEVNULL,
                 stderr=asyncio.subprocess.PIPE,
                 # Out of the terminal's process group: Ctrl-C reaches only the API process,

@@ -1,0 +1,51 @@
+"""Which malloc the engine process runs on.
+
+A long-running engine allocates transient buffers whose size follows the batch and the
+contexts (attention scores, gathered K/V). glibc keeps what such buffers freed (its dynamic
+mmap threshold moves large blocks onto the heap, and a heap only shrinks from the top), so
+the engine's memory climbs to its high-water mark and stays there; jemalloc hands unused
+pages back after a short decay. benchmarks/README.md ("Allocators") has the measurements.
+
+"auto" preloads jemalloc (Debian's libjemalloc2) when it is installed, else keeps glibc.
+"""
+
+import ctypes.util
+import os
+from pathlib import Path
+
+from enduro.config import ENGINE_ALLOCATORS as ALLOCATORS
+
+JEMALLOC_CANDIDATES = (
+    "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2",
+    "/usr/lib/aarch64-linux-gnu/libjemalloc.so.2",
+    "/usr/lib64/libjemalloc.so.2",
+    "/usr/lib/libjemalloc.so.2",
+)
+
+
+def jemalloc_library() -> str | None:
+    for candidate in JEMALLOC_CANDIDATES:
+        if Path(candidate).exists():
+            return candidate
+    return ctypes.util.find_library("jemalloc")
+
+
+def resolve_allocator(choice: str) -> str:
+    if choice not in ALLOCATORS:
+        raise ValueError(f"allocator must be one of {', '.join(ALLOCATORS)}")
+    if choice == "auto":
+        return "jemalloc" if jemalloc_library() is not None else "glibc"
+    return choice
+
+
+def engine_environment(choice: str, base: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment for an engine process on `choice`."""
+    env = dict(os.environ if base is None else base)
+    allocator = resolve_allocator(choice)
+    library = jemalloc_library() if allocator == "jemalloc" else None
+    if allocator == "jemalloc" and library is None:
+        raise ValueError("jemalloc is not installed (Debian: apt-get install libjemalloc2)")
+    if library is not None:
+        preload = env.get("LD_PRELOAD")
+        env["LD_PRELOAD"] = f"{library}:{preload}" if preload else library
+    return env
