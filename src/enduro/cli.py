@@ -10,6 +10,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
+from enduro.bench.serve_command import bench_compare_command, bench_serve_command
 from enduro.bench.soak import soak_command
 from enduro.config import (
     DTYPES,
@@ -101,6 +102,8 @@ app.command("serve")(serve)
 
 app.command("soak")(soak_command)
 app.command("doctor")(doctor_command)
+bench_app.command("serve")(bench_serve_command)
+bench_app.command("compare")(bench_compare_command)
 
 
 @bench_app.command("offline")

@@ -60,8 +60,10 @@ async def wait_ready(
     client: OpenAIClient, timeout: float, process: subprocess.Popen[bytes] | None, show: bool
 ) -> None:
     """Polls GET /ready until it answers 200; raises SoakError on timeout or if the server
-    process exits first."""
+    process exits first. A server without /ready (404, e.g. llama-server) is polled on GET
+    /health instead: it answers 200 once the model is loaded."""
     started = time.monotonic()
+    path = "/ready"
     columns = (TextColumn("{task.description}"), TimeElapsedColumn())
     console = Console(stderr=True)
     with Progress(*columns, console=console, transient=True, disable=not show) as progress:
@@ -70,8 +72,10 @@ async def wait_ready(
             if process is not None and process.poll() is not None:
                 raise SoakError(f"enduro serve exited with status {process.returncode}")
             with contextlib.suppress(httpx.HTTPError):
-                if (await client.http.get("/ready")).status_code == 200:
+                status = (await client.http.get(path)).status_code
+                if status == 200:
                     return
+                path = "/health" if status == 404 else path
             await asyncio.sleep(0.5)
     raise SoakError(f"the server was not ready after {timeout:.0f} s")
 
