@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from enduro.models.attention_metadata import AttentionMetadata
-from enduro.models.layers import MergedLinear, RMSNorm
+from enduro.models.layers import Linear, MergedLinear, RMSNorm
 from enduro.models.rotary import apply_rotary
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
@@ -88,7 +88,7 @@ class Attention(nn.Module):
         # Kept here rather than read from qkv_proj, which quantization may replace.
         self.qkv_sizes = (q_size, kv_size, kv_size)
         self.qkv_proj = MergedLinear(hidden_size, self.qkv_sizes, bias=qkv_bias)
-        self.o_proj = nn.Linear(q_size, hidden_size, bias=o_proj_bias)
+        self.o_proj = Linear(q_size, hidden_size, bias=o_proj_bias)
         self.q_norm = RMSNorm(head_dim, norm_eps, norm_unit_offset) if qk_norm else None
         self.k_norm = RMSNorm(head_dim, norm_eps, norm_unit_offset) if qk_norm else None
 

@@ -8,13 +8,12 @@ from collections.abc import Iterable, Sequence
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from enduro.models.arch_config import ArchConfig
 from enduro.models.attention import KVCache
 from enduro.models.attention_metadata import AttentionMetadata
-from enduro.models.layers import RMSNorm
+from enduro.models.layers import Linear, RMSNorm, bucketed_linear
 from enduro.models.rotary import RotaryEmbedding
 from enduro.models.weight_loader import CheckpointNames, load_checkpoint
 
@@ -39,7 +38,7 @@ class CausalLM(nn.Module):
         self.lm_head: nn.Module | None = (
             None
             if arch.tie_word_embeddings
-            else nn.Linear(arch.hidden_size, arch.vocab_size, bias=False)
+            else Linear(arch.hidden_size, arch.vocab_size, bias=False)
         )
         # One rotary table per distinct rope (Gemma 3: local and global), computed once a step.
         ropes = list(dict.fromkeys(arch.ropes))
@@ -76,7 +75,7 @@ class CausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [N, hidden] → logits [N, vocab] in float32."""
         if self.lm_head is None:
-            logits = F.linear(hidden, self.embed_tokens.weight).float()
+            logits = bucketed_linear(hidden, self.embed_tokens.weight, None).float()
         else:
             logits = self.lm_head(hidden).float()
         cap = self.arch.final_logit_softcap

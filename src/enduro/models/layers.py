@@ -36,7 +36,46 @@ class RMSNorm(nn.Module):
         return self.weight * normed.to(x.dtype)
 
 
-class MergedLinear(nn.Linear):
+# Row counts up to this are used as they are (decode batches); above, rounded up.
+EXACT_ROWS = 16
+
+
+def row_bucket(rows: int) -> int:
+    """The row count a half-precision CPU matmul runs at: exact up to EXACT_ROWS, then up to a
+    multiple of 16 (to 128) or 64, so a step of any size is one of about 30 shapes."""
+    if rows <= EXACT_ROWS:
+        return rows
+    step = 16 if rows <= 128 else 64
+    return -(-rows // step) * step
+
+
+def bucketed_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """F.linear, with x's rows padded up to a bucket for bf16/fp16 on CPU.
+
+    oneDNN (which runs these matmuls on CPU) compiles and caches a primitive per input shape,
+    about 1 MB each for these weights, 1024 of them at most. With continuous batching the
+    number of tokens changes from step to step, so without buckets an engine's memory grew by
+    ~16 MB per request, to gigabytes (benchmarks/README.md, "Memory"). Padded rows are zeros
+    and their outputs are dropped; a row's result does not depend on the others.
+    """
+    rows = x.shape[0]
+    bucket = row_bucket(rows)
+    half = x.dtype in (torch.bfloat16, torch.float16)
+    if bucket == rows or not half or x.device.type != "cpu" or x.dim() != 2:
+        return F.linear(x, weight, bias)
+    return F.linear(F.pad(x, (0, 0, 0, bucket - rows)), weight, bias)[:rows]
+
+
+class Linear(nn.Linear):
+    """nn.Linear through `bucketed_linear`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return bucketed_linear(x, self.weight, self.bias)
+
+
+class MergedLinear(Linear):
     """One matmul for several checkpoint projections stacked on the output dim (q|k|v, gate|up).
 
     `shard_sizes[i]` is the number of output rows of checkpoint shard i; the weight loader
@@ -58,7 +97,7 @@ class GatedMLP(nn.Module):
     def __init__(self, hidden_size: int, intermediate_size: int, act: str, bias: bool) -> None:
         super().__init__()
         self.gate_up_proj = MergedLinear(hidden_size, (intermediate_size,) * 2, bias=bias)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
+        self.down_proj = Linear(intermediate_size, hidden_size, bias=bias)
         self.act = ACTIVATIONS[act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
