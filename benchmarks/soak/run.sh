@@ -15,14 +15,14 @@ run() {
     agent) soak --duration 30m --concurrency 8 --workload agent --report "$out/agent" \
              --max-drift 0.05 ;;
     leak-observe|leak-heal)
-      soak --duration 15m --concurrency 8 --workload agent --report "$out/$1" \
-        --faults "$leak" --faults-at 3m --no-fail-on-alert \
+      soak --duration 10m --concurrency 8 --workload agent --report "$out/$1" \
+        --faults "$leak" --faults-at 150s --no-fail-on-alert \
         --serve-arg=--enable-fault-injection --serve-arg="--guard=${1#leak-}" ;;
     # The allocator of the engine process, with the guard only watching (its trims and
     # collects would hide what each allocator keeps).
     alloc-glibc|alloc-arena2|alloc-jemalloc)
       if [ "$1" = alloc-arena2 ]; then export MALLOC_ARENA_MAX=2; else unset MALLOC_ARENA_MAX; fi
-      soak --duration 8m --concurrency 8 --workload agent --report "$out/$1" \
+      soak --duration 6m --concurrency 8 --workload agent --report "$out/$1" \
         --no-fail-on-alert --serve-arg=--guard=observe \
         --serve-arg="--engine-allocator=$( [ "$1" = alloc-jemalloc ] && echo jemalloc || echo glibc)" ;;
     *) echo "unknown run $1" >&2; exit 2 ;;

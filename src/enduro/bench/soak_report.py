@@ -1,10 +1,11 @@
 """The soak's report: its time series as CSV and PNGs, and the verdict as JSON and markdown.
 
-The verdict passes when no request failed, memory (API + engine) shows no significant growth
-above the allowed slope after warm-up, p99 TTFT and p99 TPOT did not drift up by more than the
-allowed share between the first and the last 10 % of the rows after warm-up, and (unless told
-otherwise) the server raised no alert. PNGs use matplotlib's object API (`Figure` saved through
-the Agg canvas): no pyplot, so no global figure state and no display.
+The verdict passes when no request failed, memory (API + engine, the KV pool excluded)
+shows no significant growth above the allowed slope after warm-up, p99 TTFT and p99 TPOT did
+not drift up by more than the allowed share between the first and the last 10 % of the rows
+after warm-up, and (unless told otherwise) the server raised no alert. PNGs use matplotlib's
+object API (`Figure` saved through the Agg canvas): no pyplot, so no global figure state
+and no display.
 """
 
 import csv
@@ -51,10 +52,12 @@ class Row:
 
     @property
     def total_memory_bytes(self) -> float | None:
-        """API + engine; None unless both were read."""
+        """API + engine, less the KV pool's segments (memory the pool owns, grows under load
+        and gives back when idle; a leak is what grows besides it); None unless both
+        processes were read."""
         if self.api_memory_bytes is None or self.engine_memory_bytes is None:
             return None
-        return self.api_memory_bytes + self.engine_memory_bytes
+        return self.api_memory_bytes + self.engine_memory_bytes - (self.kv_cache_bytes or 0.0)
 
 
 @dataclass(frozen=True)
@@ -262,7 +265,7 @@ def verdict_markdown(verdict: Verdict) -> str:
         f"| workload | {run.workload}, concurrency {run.concurrency}, {run.duration:.0f} s |",
         f"| requests ok / failed | {counts.ok} / {counts.failed} |",
         f"| expected 400s / client aborts | {counts.expected_errors} / {counts.aborted} |",
-        f"| memory slope (API + engine) | {slope} |",
+        f"| memory slope (API + engine, KV pool excluded) | {slope} |",
         f"| p99 TTFT, first → last 10 % | {_drift_cell(verdict.ttft_p99_drift)} |",
         f"| p99 TPOT, first → last 10 % | {_drift_cell(verdict.tpot_p99_drift)} |",
         f"| alerts | {len(verdict.alerts)} |",
