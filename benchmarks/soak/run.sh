@@ -29,6 +29,8 @@ run() {
   esac
 }
 
-for name in "${@:-agent leak-observe leak-heal alloc-glibc alloc-arena2 alloc-jemalloc}"; do
-  for one in $name; do run "$one"; done
-done
+runs=("$@")
+if [ ${#runs[@]} -eq 0 ]; then
+  runs=(agent leak-observe leak-heal alloc-glibc alloc-arena2 alloc-jemalloc)
+fi
+for one in "${runs[@]}"; do run "$one"; done
