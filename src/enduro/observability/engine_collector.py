@@ -12,7 +12,7 @@ Memory (observability/process_memory.py): `process="api"` is read here, in the A
 heartbeat, since only the engine can walk its own allocator.
 """
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Protocol
 
 from prometheus_client.core import (
@@ -53,6 +53,79 @@ def _counter(name: str, documentation: str, value: float | None = None) -> Count
     return family
 
 
+# Families that are one heartbeat field each: (family, name, help, EngineStats field).
+HEARTBEAT_FAMILIES: tuple[tuple[Callable[[str, str, float | None], Metric], str, str, str], ...] = (
+    (
+        _gauge,
+        "enduro_requests_running",
+        "Requests the engine is running (holding KV blocks).",
+        "num_running",
+    ),
+    (
+        _gauge,
+        "enduro_requests_waiting",
+        "Requests queued in the engine, not yet running (preempted ones included).",
+        "num_waiting",
+    ),
+    (
+        _counter,
+        "enduro_preemptions",
+        "Running requests preempted (KV blocks freed, recomputed later).",
+        "num_preemptions",
+    ),
+    (
+        _counter,
+        "enduro_prefix_cache_queries_tokens",
+        "Prompt tokens looked up in the prefix cache.",
+        "num_prefix_queries",
+    ),
+    (
+        _counter,
+        "enduro_prefix_cache_hits_tokens",
+        "Prompt tokens served from the prefix cache.",
+        "num_prefix_hits",
+    ),
+    (
+        _counter,
+        "enduro_prefix_cache_evictions",
+        "Cached KV blocks evicted (LRU, the byte cap, or a trim).",
+        "num_evictions",
+    ),
+    (_gauge, "enduro_kv_cache_max_blocks", "Blocks the KV pool may grow to.", "max_num_blocks"),
+    (
+        _counter,
+        "enduro_kv_cache_segments_grown",
+        "KV pool segments allocated as the pool grew.",
+        "num_segments_grown",
+    ),
+    (
+        _counter,
+        "enduro_kv_cache_segments_released",
+        "KV pool segments released (idle, or emptied by compaction).",
+        "num_segments_released",
+    ),
+    (
+        _counter,
+        "enduro_kv_cache_compaction_moves",
+        "KV blocks moved by compaction.",
+        "num_compaction_moves",
+    ),
+    (
+        _gauge,
+        "enduro_kv_cache_fragmentation_ratio",
+        "Share of free KV blocks in segments that also hold live (used or cached) blocks: "
+        "memory no segment release can return until compaction moves them.",
+        "kv_cache_fragmentation",
+    ),
+    (
+        _gauge,
+        "enduro_kv_cache_bytes",
+        "Memory of the KV pool's allocated segments.",
+        "kv_cache_bytes",
+    ),
+)
+
+
 class EngineCollector:
     def __init__(self, engine: EngineSource) -> None:
         self.engine = engine
@@ -67,7 +140,7 @@ class EngineCollector:
     def _families(
         self, stats: EngineStats | None, pid: int | None, read: bool = False
     ) -> Iterator[Metric]:
-        yield from self._scheduler(stats)
+        yield from self._heartbeat_fields(stats)
         yield from self._kv_cache(stats)
         yield self._step_seconds(stats)
         yield _counter(
@@ -77,32 +150,9 @@ class EngineCollector:
         )
         yield from self._memory(stats, pid, read)
 
-    def _scheduler(self, stats: EngineStats | None) -> Iterator[Metric]:
-        yield _gauge(
-            "enduro_requests_running",
-            "Requests the engine is running (holding KV blocks).",
-            stats.num_running if stats else None,
-        )
-        yield _gauge(
-            "enduro_requests_waiting",
-            "Requests queued in the engine, not yet running (preempted ones included).",
-            stats.num_waiting if stats else None,
-        )
-        yield _counter(
-            "enduro_preemptions",
-            "Running requests preempted (KV blocks freed, recomputed later).",
-            stats.num_preemptions if stats else None,
-        )
-        yield _counter(
-            "enduro_prefix_cache_queries_tokens",
-            "Prompt tokens looked up in the prefix cache.",
-            stats.num_prefix_queries if stats else None,
-        )
-        yield _counter(
-            "enduro_prefix_cache_hits_tokens",
-            "Prompt tokens served from the prefix cache.",
-            stats.num_prefix_hits if stats else None,
-        )
+    def _heartbeat_fields(self, stats: EngineStats | None) -> Iterator[Metric]:
+        for family, name, documentation, field in HEARTBEAT_FAMILIES:
+            yield family(name, documentation, getattr(stats, field) if stats else None)
 
     def _kv_cache(self, stats: EngineStats | None) -> Iterator[Metric]:
         blocks = GaugeMetricFamily(
@@ -116,11 +166,6 @@ class EngineCollector:
             blocks.add_metric(["cached"], stats.num_cached_blocks)
             blocks.add_metric(["free"], stats.num_free_blocks)
         yield blocks
-        yield _gauge(
-            "enduro_kv_cache_max_blocks",
-            "Blocks the KV pool may grow to.",
-            stats.max_num_blocks if stats else None,
-        )
         segments = GaugeMetricFamily(
             "enduro_kv_cache_segments",
             "KV pool segments: allocated (holding memory), and the most there may be.",
@@ -130,41 +175,10 @@ class EngineCollector:
             segments.add_metric(["allocated"], stats.num_segments)
             segments.add_metric(["max"], stats.max_num_segments)
         yield segments
-        yield _counter(
-            "enduro_kv_cache_segments_grown",
-            "KV pool segments allocated as the pool grew.",
-            stats.num_segments_grown if stats else None,
-        )
-        yield _counter(
-            "enduro_kv_cache_segments_released",
-            "KV pool segments released (idle, or emptied by compaction).",
-            stats.num_segments_released if stats else None,
-        )
-        yield _counter(
-            "enduro_kv_cache_compaction_moves",
-            "KV blocks moved by compaction.",
-            stats.num_compaction_moves if stats else None,
-        )
-        yield _counter(
-            "enduro_prefix_cache_evictions",
-            "Cached KV blocks evicted (LRU, the byte cap, or a trim).",
-            stats.num_evictions if stats else None,
-        )
         yield _gauge(
             "enduro_kv_cache_usage_ratio",
             "Share of the pool's maximum blocks used by requests (cached blocks are available).",
             stats.num_used_blocks / stats.max_num_blocks if stats else None,
-        )
-        yield _gauge(
-            "enduro_kv_cache_fragmentation_ratio",
-            "Share of free KV blocks in segments that also hold live (used or cached) blocks: "
-            "memory no segment release can return until compaction moves them.",
-            stats.kv_cache_fragmentation if stats else None,
-        )
-        yield _gauge(
-            "enduro_kv_cache_bytes",
-            "Memory of the KV pool's allocated segments.",
-            stats.kv_cache_bytes if stats else None,
         )
         yield _gauge(
             "enduro_kv_cache_invariant_violations",
