@@ -1,10 +1,11 @@
 """Self-attention over the paged KV cache.
 
 A step's T new tokens arrive flat (request after request). Their K/V are written into the
-cache slots `attn.slot_mapping` names; then every request's whole context is gathered through
-its block table, the queries are scattered into a padded [R, max_query_len] layout, and one
-batched attention call covers all requests. Sliding-window layers keep their full KV: the
-mask does the windowing.
+cache slots `attn.slot_mapping` names; then every request's context is gathered through its
+block table, the queries are scattered into a padded [R, max_query_len] layout, and one
+batched attention call covers all requests. Sliding-window layers keep their full KV in the
+cache but gather only the blocks their window can reach (`attn.block_tables[window]`); the
+mask does the exact windowing.
 
 Invariant: the cache must hold finite values everywhere (allocate it with zeros). Keys past a
 request's length are masked, but their values still enter the softmax-weighted sum with weight
@@ -42,9 +43,11 @@ def paged_attention(
     v_cache.view(-1, num_kv_heads, head_dim)[attn.slot_mapping] = v
 
     num_requests, max_query_len = attn.num_requests, attn.max_query_len
-    # [R, max_num_blocks, block_size, Hkv, D] → [R, Hkv, S, D], S = max_num_blocks * block_size
-    keys = k_cache[attn.block_tables].flatten(1, 2).transpose(1, 2)
-    values = v_cache[attn.block_tables].flatten(1, 2).transpose(1, 2)
+    # [R, num_blocks, block_size, Hkv, D] → [R, Hkv, S, D], S = num_blocks * block_size; a
+    # sliding-window layer's tables start near the window, a global layer's at block 0.
+    tables = attn.block_tables[sliding_window]
+    keys = k_cache[tables].flatten(1, 2).transpose(1, 2)
+    values = v_cache[tables].flatten(1, 2).transpose(1, 2)
     # [T, Hq, D] → [R, Hq, max_query_len, D]; padding rows stay zero.
     q_padded = q.new_zeros(num_requests * max_query_len, num_heads, head_dim)
     q_padded[attn.padded_index] = q

@@ -14,8 +14,10 @@ import torch
 class AttentionMetadata:
     # [T] flat slot (block_id * block_size + offset) where each new token's K/V is written.
     slot_mapping: torch.Tensor
-    # [R, max_num_blocks] block ids of each request; padding entries are 0 and masked out.
-    block_tables: torch.Tensor
+    # Per sliding window (None = full attention): [R, num_blocks] block ids each request's
+    # layers of that window read, from the first block its window reaches; padding entries
+    # are masked out.
+    block_tables: dict[int | None, torch.Tensor]
     # [R] tokens in each request's context after this step (cached + new).
     seq_lens: torch.Tensor
     # [R + 1] prefix sums of the new tokens per request.
@@ -23,9 +25,9 @@ class AttentionMetadata:
     # [T] index of each flat token in the padded [R * max_query_len] layout attention uses.
     padded_index: torch.Tensor
     max_query_len: int
-    # Boolean masks [R, 1, max_query_len, max_num_blocks * block_size], True = may attend,
-    # keyed by sliding window (None = full causal). Padding query rows attend to key 0 so
-    # softmax never sees an all-masked row.
+    # Boolean masks [R, 1, max_query_len, num_blocks * block_size] over the keys of the same
+    # window's block tables, True = may attend, keyed by sliding window (None = full causal).
+    # Padding query rows attend to the first key so softmax never sees an all-masked row.
     masks: dict[int | None, torch.Tensor]
 
     @property

@@ -18,7 +18,9 @@ def build_attention_metadata(
     """Metadata for one step and the position of every new token (flat, request order).
 
     Request r computes its last `query_lens[r]` tokens out of `seq_lens[r]`; their K/V go to
-    the slots its block table names for those positions.
+    the slots its block table names for those positions. For a sliding window, each request's
+    table starts at the block of the oldest key its first new token can still see, so a
+    window layer reads about `window` keys per request however long the context is.
     """
     num_requests = len(query_lens)
     max_query_len = max(query_lens)
@@ -46,17 +48,34 @@ def build_attention_metadata(
     query_pos = torch.full((num_requests * max_query_len,), -1, dtype=torch.long)
     query_pos[padded_index] = positions
     query_pos = query_pos.view(num_requests, 1, max_query_len, 1)
-    key_pos = torch.arange(max_num_blocks * block_size).view(1, 1, 1, -1)
-    in_context = key_pos < seq_lens_t.view(-1, 1, 1, 1)
-    causal = (key_pos <= query_pos) & in_context
     padding_rows = query_pos < 0
+    first_query_pos = seq_lens_t - query_lens_t
+    num_context_blocks = (seq_lens_t + block_size - 1) // block_size
+    window_tables: dict[int | None, torch.Tensor] = {}
     masks: dict[int | None, torch.Tensor] = {}
     for window in set(windows):
-        mask = causal if window is None else causal & (key_pos > query_pos - window)
-        masks[window] = (mask | (padding_rows & (key_pos == 0))).to(device)
+        if window is None:
+            first_block = torch.zeros(num_requests, dtype=torch.long)
+        else:
+            first_block = (first_query_pos - window + 1).clamp(min=0) // block_size
+        width = int((num_context_blocks - first_block).max())
+        # [R, width] block indices into `tables`; past a request's own blocks they read
+        # padding (block 0), which the mask hides.
+        index = (first_block.view(-1, 1) + torch.arange(width)).clamp(max=max_num_blocks - 1)
+        window_tables[window] = tables.gather(1, index).to(device)
+        # [R, 1, 1, width * block_size]: the position of each key slot the table reads.
+        key_pos = (first_block.view(-1, 1) * block_size + torch.arange(width * block_size)).view(
+            num_requests, 1, 1, -1
+        )
+        mask = (key_pos <= query_pos) & (key_pos < seq_lens_t.view(-1, 1, 1, 1))
+        if window is not None:
+            mask &= key_pos > query_pos - window
+        # Padding query rows attend to their first key so softmax never sees an all-masked row.
+        first_key = torch.arange(width * block_size).view(1, 1, 1, -1) == 0
+        masks[window] = (mask | (padding_rows & first_key)).to(device)
     metadata = AttentionMetadata(
         slot_mapping=slot_mapping.to(device),
-        block_tables=tables.to(device),
+        block_tables=window_tables,
         seq_lens=seq_lens_t.to(device),
         query_start_loc=query_start_loc.to(device),
         padded_index=padded_index.to(device),
