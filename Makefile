@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup system-deps serve test lint bench clean
+.PHONY: setup system-deps jemalloc serve test lint bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -25,9 +25,23 @@ $(SYSTEM_TOOLS):
 	$$sudo apt-get update -qq && \
 	DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq prometheus chromium
 
-system-deps: $(SYSTEM_TOOLS)
+# jemalloc for the engine process (`--engine-allocator auto` uses it when installed; see
+# benchmarks/README.md, "Allocators"). `make serve` goes on with glibc when apt cannot run.
+JEMALLOC_STAMP := $(VENV)/.jemalloc
+$(JEMALLOC_STAMP): | $(BIN)/python
+	@if ! ls /usr/lib/*/libjemalloc.so.2 >/dev/null 2>&1 && [ ! -e /usr/lib/libjemalloc.so.2 ]; then \
+	  if [ "$$(id -u)" = 0 ]; then sudo=; else sudo=sudo; fi; \
+	  $$sudo apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq libjemalloc2; \
+	fi
+	touch $@
+
+jemalloc: $(JEMALLOC_STAMP)
+
+system-deps: $(SYSTEM_TOOLS) jemalloc
 
 serve: $(STAMP)
+	@$(MAKE) --no-print-directory jemalloc || echo "libjemalloc2 not installed: the engine runs on glibc"
 	$(BIN)/enduro serve
 
 lint: $(STAMP)

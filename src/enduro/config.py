@@ -240,7 +240,7 @@ class ServerConfig:
     event)."""
     log_prompts: bool = False
     """Put prompt text in the request log lines (off by default: prompts may be personal)."""
-    engine_allocator: str = "glibc"
+    engine_allocator: str = "auto"
     """malloc of the engine process: auto (jemalloc when Debian's libjemalloc2 is installed,
     else glibc), glibc, or jemalloc."""
 

@@ -228,6 +228,8 @@ async def test_stall_is_unhealthy_and_kill_9_restarts(model_dir: Path, offline: 
             await client.start()
             first_pid = client.pid
             assert first_pid is not None and client.is_healthy
+            # The default allocator: jemalloc, installed by the project's setup.
+            assert "libjemalloc.so" in Path(f"/proc/{first_pid}/maps").read_text()
             # Stalled: alive (no restart) but no heartbeats, so not healthy until it resumes.
             os.kill(first_pid, signal.SIGSTOP)
             await wait_until(lambda: not client.is_healthy, 3.0)
@@ -247,6 +249,7 @@ async def test_stall_is_unhealthy_and_kill_9_restarts(model_dir: Path, offline: 
             await wait_until(lambda: client.is_healthy, STARTUP_TIMEOUT)
             assert client.num_restarts == 1 and client.is_ready
             assert client.pid not in (None, first_pid) and not process_exists(first_pid)
+            assert "libjemalloc.so" in Path(f"/proc/{client.pid}/maps").read_text()
             outputs = await collect(client, "after", PROMPT, GREEDY)
         (expected,) = offline.generate([PROMPT], GREEDY)
         assert [t for o in outputs for t in o.new_token_ids] == expected.outputs[0].token_ids
@@ -412,6 +415,7 @@ def test_loop_answers_engine_commands_between_steps() -> None:
     assert set(json.loads(first.result_json)) == {
         "gc_collected",
         "malloc_trim_released",
+        "jemalloc_purged",
         "memory_before",
         "memory_after",
     }

@@ -6,7 +6,9 @@ freed heap memory back to the kernel. Used in both the API and the engine proces
 - tracemalloc costs memory and time on every allocation, so it runs only when the server was
   started with --tracemalloc; growth is measured against a snapshot taken at start.
 - malloc_trim(0) asks glibc to return free memory at the top of the heap and in its arenas;
-  a process that freed a lot may keep it mapped otherwise (DESIGN.md decision 7).
+  a process that freed a lot may keep it mapped otherwise (DESIGN.md decision 7). Under
+  jemalloc (the engine's default allocator when installed) the same request is a purge of
+  every arena through mallctl; glibc's malloc_trim would only look at glibc's unused heap.
 """
 
 import ctypes
@@ -67,9 +69,35 @@ def _malloc_trim() -> "ctypes._NamedFuncPointer | None":
     return trim
 
 
+# jemalloc's MALLCTL_ARENAS_ALL: "arena.4096.purge" purges every arena.
+_JEMALLOC_PURGE_ALL = b"arena.4096.purge"
+
+
+@functools.cache
+def _jemalloc_mallctl() -> "ctypes._NamedFuncPointer | None":
+    try:
+        mallctl = ctypes.CDLL(None).mallctl  # present only when jemalloc is loaded
+    except (OSError, AttributeError):
+        return None
+    mallctl.argtypes = [
+        ctypes.c_char_p,
+        ctypes.c_void_p,
+        ctypes.c_void_p,
+        ctypes.c_void_p,
+        ctypes.c_size_t,
+    ]
+    mallctl.restype = ctypes.c_int
+    return mallctl
+
+
 def collect_and_trim() -> dict[str, Any]:
-    """gc.collect() then malloc_trim(0); what each did."""
+    """gc.collect() then malloc_trim(0), or a purge of every arena under jemalloc; what each
+    did (None: that allocator is not the one in use)."""
     collected = gc.collect()
+    mallctl = _jemalloc_mallctl()
+    if mallctl is not None:
+        purged = mallctl(_JEMALLOC_PURGE_ALL, None, None, None, 0) == 0
+        return {"gc_collected": collected, "malloc_trim_released": None, "jemalloc_purged": purged}
     trim = _malloc_trim()
     released = bool(trim(0)) if trim is not None else None
-    return {"gc_collected": collected, "malloc_trim_released": released}
+    return {"gc_collected": collected, "malloc_trim_released": released, "jemalloc_purged": None}

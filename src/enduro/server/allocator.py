@@ -6,7 +6,9 @@ mmap threshold moves large blocks onto the heap, and a heap only shrinks from th
 the engine's memory climbs to its high-water mark and stays there; jemalloc hands unused
 pages back after a short decay. benchmarks/README.md ("Allocators") has the measurements.
 
-"auto" preloads jemalloc (Debian's libjemalloc2) when it is installed, else keeps glibc.
+"auto" (the default) preloads jemalloc (Debian's libjemalloc2, which the Makefile installs)
+when it is installed, else keeps glibc. The API process stays on glibc: its memory is flat
+(parsed requests and responses, no tensors) and it is trimmed once after loading.
 """
 
 import ctypes.util

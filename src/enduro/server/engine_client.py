@@ -66,7 +66,7 @@ class EngineClient:
         stall_timeout: float = 30.0,
         log_format: str = "text",
         trace_memory: bool = False,
-        allocator: str = "glibc",
+        allocator: str = "auto",
     ) -> None:
         self.engine_config = engine_config
         self.log_format = log_format  # the engine process logs as the server does
