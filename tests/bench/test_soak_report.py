@@ -10,6 +10,7 @@ from enduro.bench.soak_report import (
     MIB,
     PLOTS,
     Drift,
+    RequestSample,
     Row,
     RunInfo,
     VerdictCriteria,
@@ -58,8 +59,17 @@ def rows(
     return result
 
 
+def samples(
+    count: int = 100,
+    ttft: Any = lambda i: 0.25,
+    tpot: Any = lambda i: 0.125,
+) -> list[RequestSample]:
+    """One request finishing each second from 1 to `count` s."""
+    return [RequestSample(float(i + 1), ttft(i), tpot(i)) for i in range(count)]
+
+
 def test_flat_memory_passes() -> None:
-    verdict = compute_verdict(rows(), [], CRITERIA, RUN)
+    verdict = compute_verdict(rows(), samples(), [], CRITERIA, RUN)
     assert verdict.passed and verdict.reasons == []
     assert verdict.memory is not None and verdict.memory.slope == 0.0
     assert verdict.memory.num_points == 90  # the first 10 s are warm-up
@@ -69,7 +79,7 @@ def test_flat_memory_passes() -> None:
 
 def test_a_memory_ramp_fails_with_its_slope() -> None:
     ramp = rows(memory=lambda elapsed: 1000 * MIB + elapsed * MIB)  # 1 MiB/s = 3600 MiB/h
-    verdict = compute_verdict(ramp, [], CRITERIA, RUN)
+    verdict = compute_verdict(ramp, samples(), [], CRITERIA, RUN)
     assert not verdict.passed
     assert verdict.memory is not None
     assert verdict.memory.slope == pytest.approx(3600 * MIB)
@@ -83,21 +93,21 @@ def test_a_memory_ramp_fails_with_its_slope() -> None:
 
 def test_growth_during_warmup_is_not_counted() -> None:
     settling = rows(memory=lambda elapsed: min(elapsed, 10.0) * 100 * MIB)
-    verdict = compute_verdict(settling, [], CRITERIA, RUN)
+    verdict = compute_verdict(settling, samples(), [], CRITERIA, RUN)
     assert verdict.passed and verdict.memory is not None and verdict.memory.slope == 0.0
 
 
 def test_a_slope_without_significance_passes() -> None:
     # A saw tooth: steep between readings, but no monotonic trend.
     saw = rows(memory=lambda elapsed: (1000 + (elapsed % 2) * 500) * MIB)
-    verdict = compute_verdict(saw, [], CRITERIA, RUN)
+    verdict = compute_verdict(saw, samples(), [], CRITERIA, RUN)
     assert verdict.memory is not None and verdict.memory.p_value >= 0.01
     assert verdict.passed
 
 
 def test_memory_without_engine_figures_is_the_api_alone() -> None:
     api_only = rows(memory=lambda elapsed: elapsed * MIB, engine_memory_bytes=None)
-    verdict = compute_verdict(api_only, [], CRITERIA, RUN)
+    verdict = compute_verdict(api_only, samples(), [], CRITERIA, RUN)
     assert verdict.memory is not None
     assert verdict.memory.slope == pytest.approx(3600 * MIB / 3)
 
@@ -106,17 +116,26 @@ def test_drift_compares_the_first_and_last_tenth_after_warmup() -> None:
     # Rows 10..99 are after warm-up (elapsed > 10 s): 90 rows, so 9 at each end.
     ttft = lambda i: 0.5 if i >= 91 else 0.25  # noqa: E731
     tpot = lambda i: 0.15625 if i >= 91 else (9.0 if i < 10 else 0.125)  # noqa: E731
-    verdict = compute_verdict(rows(ttft=ttft, tpot=tpot), [], CRITERIA, RUN)
+    verdict = compute_verdict(rows(), samples(ttft=ttft, tpot=tpot), [], CRITERIA, RUN)
     assert verdict.ttft_p99_drift == Drift(first=0.25, last=0.5, relative=1.0)
     assert verdict.tpot_p99_drift == Drift(first=0.125, last=0.15625, relative=0.25)
     assert verdict.reasons == ["p99 TTFT drifted +100% (from 250.0 ms to 500.0 ms), above +25%"]
 
 
+def test_drift_takes_the_p99_of_the_pooled_requests() -> None:
+    # Warm-up 10 s of 100: the tenths are (10, 19] and (91, 100], 9 requests each. The last
+    # has one slow request: p99 interpolates at rank 0.99 * 8 = 7.92 between 0.1 and 1.0.
+    ttft = lambda i: 1.0 if i == 99 else 0.1  # noqa: E731
+    figure = drift(samples(ttft=ttft), "ttft", 10.0, 100.0)
+    assert figure.first == pytest.approx(0.1)
+    assert figure.last == pytest.approx(0.1 + 0.92 * 0.9)
+    assert figure.relative == pytest.approx(8.28)
+
+
 def test_drift_skips_missing_figures() -> None:
-    sparse = rows(count=20, ttft_p99=None)
-    sparse[19] = dataclasses.replace(sparse[19], ttft_p99=1.0)
-    assert drift(sparse, "ttft_p99") == Drift(first=None, last=1.0, relative=None)
-    assert drift(sparse[:1], "ttft_p99") == Drift(None, None, None)
+    sparse = samples(count=100, ttft=lambda i: 1.0 if i == 99 else None)
+    assert drift(sparse, "ttft", 10.0, 100.0) == Drift(first=None, last=1.0, relative=None)
+    assert drift(sparse, "ttft", 10.0, 10.0) == Drift(None, None, None)
 
 
 def test_failed_requests_and_alerts_fail() -> None:
@@ -126,7 +145,7 @@ def test_failed_requests_and_alerts_fail() -> None:
         {"id": 2, "time": START + 6, "kind": "action", "name": "gc", "severity": "info"},
         {"id": 3, "time": START + 9, "kind": "resolved", "name": "memory_leak"},
     ]
-    verdict = compute_verdict(failing, events, CRITERIA, RUN, ["20 × 500: boom"])
+    verdict = compute_verdict(failing, samples(), events, CRITERIA, RUN, ["20 × 500: boom"])
     assert verdict.reasons == [
         "20 requests failed",
         "no request succeeded",
@@ -136,20 +155,23 @@ def test_failed_requests_and_alerts_fail() -> None:
     assert len(verdict.events) == 3 and verdict.error_samples == ["20 × 500: boom"]
     lenient = dataclasses.replace(CRITERIA, fail_on_alert=False)
     ok_rows = rows(count=20)
-    assert compute_verdict(ok_rows, events, lenient, RUN).passed
-    assert not compute_verdict(ok_rows, events, CRITERIA, RUN).passed
+    assert compute_verdict(ok_rows, samples(), events, lenient, RUN).passed
+    assert not compute_verdict(ok_rows, samples(), events, CRITERIA, RUN).passed
 
 
 def test_report_files(tmp_path: Path) -> None:
     series = rows(count=30, kv_cache_bytes=None)
     events = [{"id": 1, "time": START + 12, "kind": "alert", "name": "ttft_drift"}]
-    verdict = compute_verdict(series, events, CRITERIA, RUN)
-    write_report(tmp_path / "report", series, verdict, events)
+    verdict = compute_verdict(series, samples(), events, CRITERIA, RUN)
+    write_report(tmp_path / "report", series, samples(count=3), verdict, events)
     with (tmp_path / "report" / "soak.csv").open() as file:
         table = list(csv.DictReader(file))
     assert len(table) == 30
     assert table[0]["elapsed"] == "1.0" and table[0]["kv_cache_bytes"] == ""
     assert float(table[0]["api_memory_bytes"]) == pytest.approx(1000 * MIB / 3)
+    with (tmp_path / "report" / "requests.csv").open() as file:
+        requests = list(csv.DictReader(file))
+    assert requests[2] == {"elapsed": "3.0", "ttft": "0.25", "tpot": "0.125"}
     saved = json.loads((tmp_path / "report" / "verdict.json").read_text())
     assert saved["passed"] is False and saved["reasons"] == ["1 alerts: ttft_drift"]
     assert saved["run"]["command_line"] == "enduro soak --duration 100"

@@ -115,6 +115,45 @@ def test_agent_session_stops_before_the_context_is_full() -> None:
     assert session.next_request() is None
 
 
+def test_a_joining_agent_session_starts_mid_task_with_made_up_turns() -> None:
+    session = AgentSession(random.Random(5), num_steps=10)
+    session.join_at(4)
+    request = session.next_request()
+    assert request is not None
+    messages = request.body["messages"]
+    # system, then (user, assistant) for the three made-up steps, then the live step's screen.
+    assert [m["role"] for m in messages] == ["system"] + ["user", "assistant"] * 3 + ["user"]
+    assert "Step 4. Current app:" in messages[-1]["content"]
+    assert "** Screen Info **" in messages[-1]["content"]
+    assert all("** Screen Info **" not in m["content"] for m in messages[1:-1])
+    replies = [m["content"] for m in messages if m["role"] == "assistant"]
+    assert all(r.startswith("<think>") and r.endswith(")</answer>") for r in replies)
+    assert len(drain(session)) == 7  # steps 4 .. 10
+    validate(request)
+
+
+def test_joining_sessions_are_caught_at_random_steps_of_longer_sessions() -> None:
+    workload = Workload("agent", seed=1)
+    steps = []
+    for _ in range(400):
+        session = workload.next_session(joining=True)
+        assert isinstance(session, AgentSession)
+        steps.append(session.num_done + 1)
+    # Length-biased sessions (odds ∝ n over 4..30) at an even step: mean of (n + 1) / 2
+    # weighted by n is ≈10.8; sessions that start fresh are all at step 1.
+    assert 9.5 < sum(steps) / len(steps) < 12.5
+    assert min(steps) == 1 and max(steps) >= 25
+
+
+def test_joining_keeps_the_made_up_context_inside_the_model() -> None:
+    workload = Workload("agent", seed=2, max_model_len=4096)
+    for _ in range(100):
+        session = workload.next_session(joining=True)
+        assert isinstance(session, AgentSession)
+        # ≈140 tokens per made-up step; 4096 - 1200 reserve - 1000 leaves room for 13.
+        assert session.num_done + 1 <= 13
+
+
 @pytest.mark.parametrize("seed", range(12))
 def test_bad_requests_fail_the_server_schema(seed: int) -> None:
     request = bad_request(random.Random(seed))

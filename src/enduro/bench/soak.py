@@ -30,6 +30,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from enduro.bench.http_client import OpenAIClient, RequestResult
 from enduro.bench.soak_report import (
     MIB,
+    RequestSample,
     Row,
     RunInfo,
     Verdict,
@@ -44,7 +45,9 @@ from enduro.guard.stats import percentile
 SoakWorkload = Literal["mixed", "agent"]
 MODEL_HELP = "Served model name for requests (default: the first of GET /v1/models)."
 WARMUP_HELP = "Seconds left out of the memory fit and drift (default: 10 % of the duration)."
-DRIFT_HELP = "Relative rise allowed of p99 TTFT and p99 TPOT, first vs last 10 % of the run."
+DRIFT_HELP = (
+    "Relative rise allowed of p99 TTFT and p99 TPOT, first vs last 10 % of the run after warm-up."
+)
 SERVE_HELP = (
     "An argument for `enduro serve` when no --url is given, e.g. --serve-arg=--guard=observe."
 )
@@ -188,20 +191,28 @@ class Soak:
         self.rows: list[Row] = []
         self.events: dict[int, dict[str, Any]] = {}
         self.errors: Counter[str] = Counter()
+        self.samples: list[RequestSample] = []
         self.events_supported = True
         self.load_start = 0.0  # monotonic; set when the load starts
         self.load_start_time = 0.0  # the same in unix time
 
     async def worker(self, workload: Workload, model: str, stagger: float, deadline: float) -> None:
         await asyncio.sleep(stagger)  # sessions start at different times
+        # The first session joins at a random step, so the run starts with the mix of agent
+        # context lengths it keeps later and its first minutes are a fair baseline for drift.
+        session = workload.next_session(joining=True)
         while time.monotonic() < deadline:
-            await self.run_session(workload.next_session(), model, deadline)
+            await self.run_session(session, model, deadline)
+            session = workload.next_session()
 
     async def run_session(self, session: Session, model: str, deadline: float) -> None:
         while time.monotonic() < deadline and (request := session.next_request()) is not None:
             result = await self.client.send(request, model)
             if (error := self.tally.add(request, result)) is not None:
                 self.note_error(error[:200])
+            elif result.ok and not result.aborted and not request.expect_error:
+                elapsed = time.monotonic() - self.load_start
+                self.samples.append(RequestSample(elapsed, result.ttft, result.tpot))
             if result.status is None:
                 await asyncio.sleep(RETRY_PAUSE)
             if not result.ok or result.aborted:
@@ -341,8 +352,8 @@ async def run_soak(options: SoakOptions) -> Verdict:
         command_line=options.command_line,
     )
     errors = [f"{count} × {text}" for text, count in soak.errors.most_common()]
-    verdict = compute_verdict(soak.rows, events, options.criteria, run, errors)
-    write_report(options.report_dir, soak.rows, verdict, events)
+    verdict = compute_verdict(soak.rows, soak.samples, events, options.criteria, run, errors)
+    write_report(options.report_dir, soak.rows, soak.samples, verdict, events)
     return verdict
 
 

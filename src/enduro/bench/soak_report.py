@@ -2,10 +2,10 @@
 
 The verdict passes when no request failed, memory (API + engine, the KV pool excluded)
 shows no significant growth above the allowed slope after warm-up, p99 TTFT and p99 TPOT did
-not drift up by more than the allowed share between the first and the last 10 % of the rows
-after warm-up, and (unless told otherwise) the server raised no alert. PNGs use matplotlib's
-object API (`Figure` saved through the Agg canvas): no pyplot, so no global figure state
-and no display.
+not drift up by more than the allowed share between the first and the last 10 % of the time
+after warm-up (each p99 over the requests that finished in that tenth, pooled), and (unless
+told otherwise) the server raised no alert. PNGs use matplotlib's object API (`Figure` saved
+through the Agg canvas): no pyplot, so no global figure state and no display.
 """
 
 import csv
@@ -18,11 +18,11 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
-from enduro.guard.stats import theil_sen
+from enduro.guard.stats import percentile, theil_sen
 
 MIB = float(1 << 20)
 EDGE_SHARE = 0.1
-"""Share of the rows after warm-up at each end of the run compared for latency drift."""
+"""Share of the time after warm-up at each end of the run compared for latency drift."""
 SIGNIFICANCE = 0.01
 """A memory slope with a Mann–Kendall p-value at or above this is not a trend."""
 PLOTS = ("memory.png", "latency.png", "throughput.png", "kv_cache.png")
@@ -61,6 +61,15 @@ class Row:
 
 
 @dataclass(frozen=True)
+class RequestSample:
+    """One request that finished normally (not aborted, not an error)."""
+
+    elapsed: float  # seconds since the load started, when it finished
+    ttft: float | None  # seconds; None when not streamed
+    tpot: float | None  # seconds per output token after the first; None for < 2 tokens
+
+
+@dataclass(frozen=True)
 class VerdictCriteria:
     warmup: float  # seconds at the start left out of the memory fit and the drift
     max_memory_slope: float  # bytes per hour
@@ -88,7 +97,7 @@ class MemoryTrend:
 
 @dataclass(frozen=True)
 class Drift:
-    first: float | None  # mean of the rows' p99 over the first EDGE_SHARE after warm-up
+    first: float | None  # p99 over the requests of the first EDGE_SHARE after warm-up
     last: float | None  # the same over the last EDGE_SHARE
     relative: float | None  # (last - first) / first
 
@@ -138,18 +147,19 @@ def memory_trend(rows: Sequence[Row]) -> MemoryTrend | None:
     )
 
 
-def _mean(values: Sequence[float | None]) -> float | None:
-    known = [value for value in values if value is not None]
-    return sum(known) / len(known) if known else None
-
-
-def drift(rows: Sequence[Row], key: str) -> Drift:
-    """`key` (a p99) over the last EDGE_SHARE of `rows` against the first EDGE_SHARE."""
-    if len(rows) < 2:
+def drift(samples: Sequence[RequestSample], key: str, start: float, end: float) -> Drift:
+    """p99 of `key` ("ttft" or "tpot") over the requests that finished in the last EDGE_SHARE
+    of [start, end] against those of the first. Pooling the requests of a whole tenth (rather
+    than averaging each interval's p99) gives a p99 of many requests, not of a handful."""
+    edge = EDGE_SHARE * (end - start)
+    if edge <= 0:
         return Drift(None, None, None)
-    n = math.ceil(len(rows) * EDGE_SHARE)
-    first = _mean([getattr(row, key) for row in rows[:n]])
-    last = _mean([getattr(row, key) for row in rows[-n:]])
+    first = percentile(
+        [v for s in samples if start < s.elapsed <= start + edge and (v := getattr(s, key))], 99
+    )
+    last = percentile(
+        [v for s in samples if end - edge < s.elapsed <= end and (v := getattr(s, key))], 99
+    )
     if first is None or last is None or first <= 0:
         return Drift(first, last, None)
     return Drift(first, last, (last - first) / first)
@@ -157,6 +167,7 @@ def drift(rows: Sequence[Row], key: str) -> Drift:
 
 def compute_verdict(
     rows: Sequence[Row],
+    samples: Sequence[RequestSample],
     events: Sequence[dict[str, Any]],
     criteria: VerdictCriteria,
     run: RunInfo,
@@ -170,7 +181,9 @@ def compute_verdict(
         aborted=sum(row.num_aborted for row in rows),
     )
     memory = memory_trend(settled)
-    ttft, tpot = drift(settled, "ttft_p99"), drift(settled, "tpot_p99")
+    end = max(run.duration, rows[-1].elapsed if rows else 0.0)
+    ttft = drift(samples, "ttft", criteria.warmup, end)
+    tpot = drift(samples, "tpot", criteria.warmup, end)
     alerts = [dict(event) for event in events if event.get("kind") == "alert"]
     reasons = _failures(counts, memory, {"p99 TTFT": ttft, "p99 TPOT": tpot}, alerts, criteria)
     return Verdict(
@@ -219,18 +232,24 @@ def _failures(
 
 
 def write_report(
-    directory: Path, rows: Sequence[Row], verdict: Verdict, events: Sequence[dict[str, Any]]
+    directory: Path,
+    rows: Sequence[Row],
+    samples: Sequence[RequestSample],
+    verdict: Verdict,
+    events: Sequence[dict[str, Any]],
 ) -> None:
-    """soak.csv, the PNGs, verdict.json and verdict.md into `directory` (created)."""
+    """soak.csv, requests.csv, the PNGs, verdict.json and verdict.md into `directory`."""
     directory.mkdir(parents=True, exist_ok=True)
     write_csv(directory / "soak.csv", rows)
+    write_csv(directory / "requests.csv", samples, RequestSample)
     write_plots(directory, rows, events, verdict.run.start_time)
     (directory / "verdict.json").write_text(json.dumps(asdict(verdict), indent=2) + "\n")
     (directory / "verdict.md").write_text(verdict_markdown(verdict))
 
 
-def write_csv(path: Path, rows: Sequence[Row]) -> None:
-    names = [column.name for column in fields(Row)]
+def write_csv(path: Path, rows: Sequence[Row] | Sequence[RequestSample], kind: type = Row) -> None:
+    """One line per record of dataclass `kind`; None cells empty."""
+    names = [column.name for column in fields(kind)]
     with path.open("w", newline="") as file:
         writer = csv.DictWriter(file, fieldnames=names)
         writer.writeheader()

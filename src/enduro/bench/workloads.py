@@ -170,6 +170,10 @@ class SingleRequest:
         pass
 
 
+AGENT_STEPS = (4, 30)
+"""Steps of an agent session, drawn evenly."""
+
+
 class AgentSession:
     """One phone-agent task: [system] + [task + step 1] + (assistant, user) per step.
 
@@ -215,6 +219,20 @@ class AgentSession:
         }
         return WorkloadRequest("chat", body, stream=True)
 
+    def join_at(self, step: int) -> None:
+        """Start at `step` as if steps 1 .. step-1 had run: their turns are made up (screens cut
+        to their headers, replies of 60–200 tokens in the agent's format). A soak whose first
+        sessions join at random steps starts with the mix of context lengths it keeps later,
+        so its first and last minutes compare like with like."""
+        for _ in range(step - 1):
+            request = self.next_request()
+            if request is None:
+                return
+            thought = text_of_tokens(self.rng, self.rng.randint(40, 170))
+            x, y = self.rng.randint(0, 1000), self.rng.randint(0, 1000)
+            action = f'do(action="Tap", element=[{x},{y}])'
+            self.add_reply(f"<think>{thought}</think><answer>{action}</answer>", None)
+
     def add_reply(self, text: str, prompt_tokens: int | None) -> None:
         self.messages.append({"role": "assistant", "content": text})
         self.num_done += 1
@@ -243,7 +261,9 @@ class Workload:
         self.rng = random.Random(seed)
         self.max_model_len = max_model_len
 
-    def next_session(self) -> Session:
+    def next_session(self, joining: bool = False) -> Session:
+        """The next session. `joining`: an agent session caught at a random point of its life,
+        as a load that has run for a while would hold it (`AgentSession.join_at`)."""
         # Each session gets its own generator, so its text does not depend on how the
         # sessions' requests interleave.
         rng = random.Random(self.rng.getrandbits(64))
@@ -252,8 +272,25 @@ class Workload:
         if self.name == "long":
             return SingleRequest(long_request(rng))
         if self.name == "agent":
-            return AgentSession(rng, num_steps=rng.randint(4, 30), max_model_len=self.max_model_len)
+            if not joining:
+                num_steps = rng.randint(*AGENT_STEPS)
+                return AgentSession(rng, num_steps, max_model_len=self.max_model_len)
+            # A session running at a random moment is one of n steps with odds in proportion
+            # to n (longer sessions cover more moments), at a step drawn evenly from 1 .. n.
+            lengths = range(AGENT_STEPS[0], AGENT_STEPS[1] + 1)
+            num_steps = rng.choices(lengths, weights=lengths)[0]
+            session = AgentSession(rng, num_steps, max_model_len=self.max_model_len)
+            session.join_at(self._joining_step(rng, num_steps))
+            return session
         return self._mixed(rng)
+
+    def _joining_step(self, rng: random.Random, num_steps: int) -> int:
+        step = rng.randint(1, num_steps)
+        if self.max_model_len is not None:
+            # Made-up steps add ≈140 tokens each; keep the context inside the model.
+            room = self.max_model_len - AgentSession.CONTEXT_RESERVE - 1000
+            step = max(1, min(step, room // 140))
+        return step
 
     def _mixed(self, rng: random.Random) -> Session:
         draw = rng.random()
