@@ -14,6 +14,7 @@ from enduro.bench.serve_command import bench_compare_command, bench_serve_comman
 from enduro.bench.soak import soak_command
 from enduro.config import (
     DTYPES,
+    QUANTIZATIONS,
     CacheConfig,
     EngineConfig,
     GuardConfig,
@@ -124,6 +125,27 @@ def bench_offline(
             model, dtype, max_tokens, concurrency or [1, 16], baseline, report
         )
     Console().print(table)
+
+
+@bench_app.command("quantization")
+def bench_quantization(
+    model: Annotated[str | None, typer.Option("--model", help=MODEL_HELP)] = None,
+    dtype: Annotated[str, typer.Option("--dtype", help=DTYPE_HELP)] = "auto",
+    setting: Annotated[
+        list[str] | None, typer.Option("--setting", help="Default: every --quantization value.")
+    ] = None,
+    streams: Annotated[list[int] | None, typer.Option("--streams")] = None,
+    max_tokens: Annotated[int, typer.Option("--max-tokens", min=1)] = 64,
+) -> None:
+    """Decode tokens/s and perplexity on a fixed text of each quantization setting, one run."""
+    from enduro.bench.quantization import quantization_table, run_quantization_benchmark
+
+    settings = setting or list(QUANTIZATIONS)
+    with load_progress() as report:
+        results = run_quantization_benchmark(
+            model, settings, streams or [1, 16], max_tokens, dtype, progress=report
+        )
+    Console().print(quantization_table(results, max_tokens))
 
 
 if __name__ == "__main__":

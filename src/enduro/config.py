@@ -11,7 +11,7 @@ from enduro.core.block_pool import PoolLayout
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 LOG_FORMATS = ("text", "json")
 ENGINE_ALLOCATORS = ("auto", "glibc", "jemalloc")
-QUANTIZATIONS = ("none", "int8", "int4")
+QUANTIZATIONS = ("none", "int8", "int4", "int4-head")
 
 
 @dataclass(frozen=True)
@@ -30,7 +30,8 @@ class ModelConfig:
     """Seed of the shared generator used by requests without their own seed."""
     quantization: str = "none"
     """Weight-only quantization of the linear layers and output projection (CPU kernels): none,
-    int8 (per-output-channel scales) or int4 (asymmetric, groups of 32 inputs)."""
+    int8 (per-output-channel scales), int4 (asymmetric, groups of 32 inputs), or int4-head (the
+    output projection alone in int4, the decoder layers in the model's dtype)."""
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:

@@ -78,6 +78,21 @@ def test_quantized_model_logprobs_stay_close_to_bf16(
     assert len(output.outputs[0].token_ids) == 8
 
 
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_int4_head_quantizes_the_output_projection_only(
+    arch: str, tiny_model_dir: Callable[[str], Path]
+) -> None:
+    path = tiny_model_dir(arch)
+    reference = prompt_logprobs(tiny_llm(path, "none"))
+    llm = tiny_llm(path, "int4-head")
+    model = llm.engine.runner.model
+    linears = [m for m in model.layers.modules() if isinstance(m, nn.Linear)]
+    assert linears and all(m.weight.dtype == torch.bfloat16 for m in linears)
+    assert isinstance(model.lm_head, Int4Linear)
+    assert model.embed_tokens.weight.dtype == torch.bfloat16
+    assert (prompt_logprobs(llm) - reference).abs().max() <= LOGPROB_TOLERANCE["int4"]
+
+
 def test_unknown_quantization_is_rejected(tiny_model_dir: Callable[[str], Path]) -> None:
     with pytest.raises(ValueError, match="quantization"):
         LLM(str(tiny_model_dir("llama")), quantization="bogus")

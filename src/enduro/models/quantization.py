@@ -1,10 +1,13 @@
 """Weight-only int8 and int4 quantization of a loaded model's projections (CPU kernels).
 
 `quantize_model` replaces every `nn.Linear` (and so `MergedLinear`) of the decoder layers and the
-output projection with `Int8Linear` or `Int4Linear`. Activations stay in floating point: both
-kernels take bf16 activations (fp32 ones make the int8 kernel ~7x slower), so a layer casts its
-input to bf16 and its output back. A tied output projection is quantized from the embedding table
-into a separate `lm_head`; the embedding lookup keeps the full-precision table.
+output projection with `Int8Linear` or `Int4Linear`; "int4-head" replaces the output projection
+only, where the small models spend most of their weight reads (Gemma 3 270M: 168 M of its 268 M
+parameters) and, measured, where int4 costs the least perplexity. Activations stay in floating
+point: both kernels take bf16 activations (fp32 ones make the int8 kernel ~7x slower), so a
+layer casts its input to bf16 and its output back. A tied output projection is quantized from
+the embedding table into a separate `lm_head`; the embedding lookup keeps the full-precision
+table.
 """
 
 import torch
@@ -144,6 +147,8 @@ def quantize_model(model: CausalLM, method: str) -> list[str]:
     """
     if method == "none":
         return []
+    if method == "int4-head":
+        return _quantize_head(model, "int4")
     skipped = []
     for layer_name, layer in model.layers.named_children():
         targets = [(n, m) for n, m in layer.named_modules() if isinstance(m, nn.Linear)]
@@ -154,11 +159,15 @@ def quantize_model(model: CausalLM, method: str) -> list[str]:
                 continue
             parent_name, _, attr = name.rpartition(".")
             setattr(layer.get_submodule(parent_name), attr, quantized)
+    return skipped + _quantize_head(model, method)
+
+
+def _quantize_head(model: CausalLM, method: str) -> list[str]:
+    """Quantize the output projection; ["lm_head"] when the kernel can't take its shape."""
     head = model.lm_head
     output = head.weight if isinstance(head, nn.Linear) else model.embed_tokens.weight
     lm_head = quantize_weight(method, output, None)
     if lm_head is None:
-        skipped.append("lm_head")
-    else:
-        model.lm_head = lm_head
-    return skipped
+        return ["lm_head"]
+    model.lm_head = lm_head
+    return []
