@@ -15,7 +15,14 @@ from pydantic import ValidationError
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from typer.testing import CliRunner
 
-from enduro.bench.soak import SoakOptions, parse_duration, read_metrics, run_soak, soak_command
+from enduro.bench.soak import (
+    SoakOptions,
+    interval_hit_rate,
+    parse_duration,
+    read_metrics,
+    run_soak,
+    soak_command,
+)
 from enduro.bench.soak_report import MIB, PLOTS
 from enduro.server.protocol import ChatCompletionRequest, CompletionRequest
 from tests.server.fakes import serve
@@ -32,6 +39,13 @@ enduro_kv_cache_fragmentation_ratio 0.0
 enduro_engine_restarts_total 0.0
 # TYPE enduro_requests_running gauge
 enduro_requests_running 2.0
+"""
+# The fake's prefix-cache counters grow by 100 looked-up and 75 served tokens per scrape.
+PREFIX_COUNTERS = """\
+# TYPE enduro_prefix_cache_queries_tokens counter
+enduro_prefix_cache_queries_tokens_total {queries}
+# TYPE enduro_prefix_cache_hits_tokens counter
+enduro_prefix_cache_hits_tokens_total {hits}
 """
 MAX_REPLY_TOKENS = 6  # the fake's replies stay short whatever max_tokens says: fast tests
 
@@ -87,7 +101,13 @@ def fake_server(fail_every: int | None = None, alert: bool = False) -> FastAPI:
 
     app.get("/ready")(lambda: {"status": "ok"})
     app.get("/v1/models")(lambda: {"data": [{"id": "fake-model", "max_model_len": 32768}]})
-    app.get("/metrics")(lambda: PlainTextResponse(METRICS))
+    scrapes = {"count": 0}
+
+    @app.get("/metrics")
+    def metrics() -> PlainTextResponse:
+        scrapes["count"] += 1
+        n = scrapes["count"]
+        return PlainTextResponse(METRICS + PREFIX_COUNTERS.format(queries=100 * n, hits=75 * n))
 
     @app.get("/debug/events")
     def events() -> dict[str, Any]:
@@ -116,13 +136,22 @@ def test_parse_duration_refuses(text: str) -> None:
 
 
 def test_read_metrics_takes_the_series_it_knows() -> None:
-    assert read_metrics(METRICS) == {
+    assert read_metrics(METRICS + PREFIX_COUNTERS.format(queries=400, hits=300)) == {
         "api_memory_bytes": 100 * MIB,
         "engine_memory_bytes": 200 * MIB,
         "kv_usage": 0.25,
         "kv_fragmentation": 0.0,
         "engine_restarts": 0.0,
+        "prefix_queries": 400.0,
+        "prefix_hits": 300.0,
     }
+
+
+def test_interval_hit_rate() -> None:
+    assert interval_hit_rate((400.0, 300.0), (600.0, 350.0)) == 0.25
+    assert interval_hit_rate(None, (600.0, 350.0)) is None  # the first reading
+    assert interval_hit_rate((400.0, 300.0), (400.0, 300.0)) is None  # no lookups
+    assert interval_hit_rate((400.0, 300.0), (50.0, 10.0)) is None  # a new engine worker
 
 
 @pytest.mark.asyncio
@@ -153,6 +182,8 @@ async def test_a_mixed_soak_passes_and_writes_its_report(tmp_path: Path) -> None
     assert float(table[-1]["elapsed"]) == pytest.approx(12.0, abs=0.5)
     assert float(table[-1]["api_memory_bytes"]) == 100 * MIB
     assert table[-1]["kv_usage"] == "0.25" and table[-1]["kv_cache_bytes"] == ""
+    assert table[0]["prefix_cache_hit_rate"] == ""
+    assert {row["prefix_cache_hit_rate"] for row in table[1:]} == {"0.75"}
     assert sum(float(row["output_tokens_per_s"]) for row in table) > 0
     assert any(row["ttft_p99"] and row["tpot_p99"] for row in table)
     assert json.loads((report / "verdict.json").read_text())["passed"] is True

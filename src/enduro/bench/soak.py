@@ -67,7 +67,21 @@ METRICS = {
     ("enduro_kv_cache_fragmentation_ratio", None): "kv_fragmentation",
     ("enduro_kv_cache_bytes", None): "kv_cache_bytes",
     ("enduro_engine_restarts_total", None): "engine_restarts",
+    # Cumulative; a Row gets the interval's hit rate (`interval_hit_rate`).
+    ("enduro_prefix_cache_queries_tokens_total", None): "prefix_queries",
+    ("enduro_prefix_cache_hits_tokens_total", None): "prefix_hits",
 }
+
+
+def interval_hit_rate(
+    last: tuple[float, float] | None, now: tuple[float, float] | None
+) -> float | None:
+    """Share of the prompt tokens looked up between two (queries, hits) readings of the
+    prefix-cache counters that the cache served; None without lookups in between, or when the
+    counters went back (a new engine worker started from zero)."""
+    if last is None or now is None or now[0] <= last[0] or now[1] < last[1]:
+        return None
+    return (now[1] - last[1]) / (now[0] - last[0])
 
 
 def parse_duration(text: str) -> float:
@@ -192,6 +206,7 @@ class Soak:
         self.events: dict[int, dict[str, Any]] = {}
         self.errors: Counter[str] = Counter()
         self.samples: list[RequestSample] = []
+        self.prefix_counts: tuple[float, float] | None = None  # queries, hits at the last row
         self.events_supported = True
         self.load_start = 0.0  # monotonic; set when the load starts
         self.load_start_time = 0.0  # the same in unix time
@@ -229,6 +244,10 @@ class Soak:
         elapsed = time.monotonic() - self.load_start
         since = elapsed - (self.rows[-1].elapsed if self.rows else 0.0)
         figures = await self.scrape()
+        queries, hits = figures.pop("prefix_queries", None), figures.pop("prefix_hits", None)
+        counts = (queries, hits) if queries is not None and hits is not None else None
+        hit_rate = interval_hit_rate(self.prefix_counts, counts)
+        self.prefix_counts = counts
         await self.poll_events()
         row = Row(
             time=time.time(),
@@ -242,6 +261,7 @@ class Soak:
             tpot_p50=percentile(tally.tpots, 50),
             tpot_p99=percentile(tally.tpots, 99),
             output_tokens_per_s=tally.num_output_tokens / since if since > 0 else 0.0,
+            prefix_cache_hit_rate=hit_rate,
             **figures,
         )
         self.rows.append(row)

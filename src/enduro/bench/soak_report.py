@@ -47,6 +47,7 @@ class Row:
     engine_memory_bytes: float | None = None
     kv_usage: float | None = None
     kv_fragmentation: float | None = None
+    prefix_cache_hit_rate: float | None = None  # share of the interval's looked-up prompt tokens
     kv_cache_bytes: float | None = None
     engine_restarts: float | None = None
 
@@ -320,7 +321,16 @@ PANELS: dict[str, tuple[str, list[tuple[str, list[Series]]]]] = {
     ),
     "kv_cache.png": (
         "KV cache",
-        [("ratio", [("usage", "kv_usage", 1), ("fragmentation", "kv_fragmentation", 1)])],
+        [
+            (
+                "ratio",
+                [
+                    ("usage", "kv_usage", 1),
+                    ("fragmentation", "kv_fragmentation", 1),
+                    ("prefix-cache hit rate", "prefix_cache_hit_rate", 1),
+                ],
+            )
+        ],
     ),
 }
 
