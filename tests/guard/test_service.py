@@ -10,6 +10,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from enduro.config import GuardConfig
+from enduro.guard.detectors import Finding
 from enduro.guard.events import EventLog
 from enduro.guard.service import Guard
 from enduro.server.ipc import EngineStats
@@ -97,6 +98,38 @@ async def test_observe_mode_alerts_but_never_acts(monkeypatch: pytest.MonkeyPatc
         report["samples"][-1]["api_memory_bytes"] + report["samples"][-1]["engine_memory_bytes"]
     )
     assert report["forecast_seconds"] == pytest.approx((limit - current) / MIB)
+
+
+class Flapping:
+    """A detector whose finding comes and goes every other sample, as a slope at its
+    significance level does, until `quiet_from`."""
+
+    def __init__(self, quiet_from: float) -> None:
+        self.quiet_from = quiet_from
+        self.calls = 0
+
+    def observe(self, samples: Any, now: float) -> list[Finding]:
+        self.calls += 1
+        if now >= self.quiet_from or self.calls % 2:
+            return []
+        return [Finding("memory_leak", "engine", "warning", "grows", {})]
+
+
+@pytest.mark.asyncio
+async def test_an_alert_resolves_only_after_a_quiet_minute(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    g, _, clock = guard("observe", monkeypatch)
+    # Samples every 2 s from t+2; the finding is there on every other one, last at t+36.
+    g.detectors = [Flapping(quiet_from=clock.now + 38)]
+    await run_for(g, clock, 40)  # flapping: one alert, held while it flaps
+    assert [e.kind for e in g.events.recent()] == ["alert"]
+    assert ("memory_leak", "engine") in g.active
+    await run_for(g, clock, 54)  # 58 s since last seen: still held
+    assert [e.kind for e in g.events.recent()] == ["alert"]
+    await run_for(g, clock, 2)  # 60 s undetected: resolved
+    assert [e.kind for e in g.events.recent()] == ["alert", "resolved"]
+    assert g.active == {}
 
 
 def test_an_event_is_a_metric_and_a_json_log_line(caplog: pytest.LogCaptureFixture) -> None:

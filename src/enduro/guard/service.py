@@ -35,6 +35,8 @@ from enduro.guard.sampler import EngineView, GuardSampler
 from enduro.guard.stats import SlopeEstimate
 
 log = logging.getLogger("enduro.guard")
+RESOLVE_AFTER = 60.0
+"""Seconds a problem must go undetected before its alert resolves (hysteresis)."""
 
 
 class Detector(Protocol):
@@ -80,6 +82,7 @@ class Guard:
         self.ladder = RemediationLadder(config)
         self.memory_limit = memory_limit_bytes(config.memory_limit)
         self.active: dict[tuple[str, str | None], Finding] = {}
+        self.last_seen: dict[tuple[str, str | None], float] = {}
         self._background: set[asyncio.Task[None]] = set()
         registry.register(GuardCollector(self))
 
@@ -100,7 +103,7 @@ class Guard:
         self.samples.append(self.sampler.take())
         now = self.clock()
         findings = self._detect(now)
-        self._announce(findings)
+        self._announce(findings, now)
         if self.config.guard == "heal":
             for remedy in self.ladder.decide(findings, now):
                 await self._apply(remedy)
@@ -121,8 +124,11 @@ class Guard:
             )
         return findings
 
-    def _announce(self, findings: list[Finding]) -> None:
-        """Alert on findings that appeared, resolve those that went away."""
+    def _announce(self, findings: list[Finding], now: float) -> None:
+        """Alert on findings that appeared; resolve those not seen for RESOLVE_AFTER seconds.
+
+        A figure hovering at its threshold (a leak slope whose p-value crosses the level and
+        back) would otherwise alert and resolve every few samples."""
         current = {(f.detector, f.process): f for f in findings}
         for key, finding in current.items():
             if key not in self.active:
@@ -134,12 +140,19 @@ class Guard:
                     severity=finding.severity,
                     details=dict(finding.details),
                 )
+            self.last_seen[key] = now
+        still_active = dict(current)
         for key, finding in self.active.items():
-            if key not in current:
-                self.events.record(
-                    "resolved", finding.detector, "no longer detected", process=finding.process
-                )
-        self.active = current
+            if key in current:
+                continue
+            if now - self.last_seen.get(key, now) < RESOLVE_AFTER:
+                still_active[key] = finding
+                continue
+            self.events.record(
+                "resolved", finding.detector, "no longer detected", process=finding.process
+            )
+            self.last_seen.pop(key, None)
+        self.active = still_active
 
     async def _apply(self, remedy: Remedy) -> None:
         action = self._quietly(remedy.action, remedy.reason)
