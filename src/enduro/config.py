@@ -32,8 +32,14 @@ class ModelConfig:
     """Weight-only quantization of the linear layers and output projection (CPU kernels): none,
     int8 (per-output-channel scales), int4 (asymmetric, groups of 32 inputs), or int4-head (the
     output projection alone in int4, the decoder layers in the model's dtype)."""
+    threads: int | None = None
+    """Torch threads of the engine (intra-op); None = torch's default, one per core. Lower it
+    when several engines share a machine: OpenMP threads that outnumber the cores spin
+    against each other."""
 
     def __post_init__(self) -> None:
+        if self.threads is not None and self.threads < 1:
+            raise ValueError("threads must be >= 1")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}")
         if self.max_model_len is not None and self.max_model_len < 2:

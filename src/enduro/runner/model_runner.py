@@ -44,6 +44,8 @@ def resolve_dtype(name: str) -> torch.dtype:
 class ModelRunner:
     def __init__(self, config: EngineConfig, progress: ProgressCallback | None = None) -> None:
         self.config = config
+        if config.model.threads is not None:
+            torch.set_num_threads(config.model.threads)
         self.device = torch.device(config.model.device)
         self.dtype = resolve_dtype(config.model.dtype)
         started = time.monotonic()
