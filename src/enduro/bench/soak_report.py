@@ -155,12 +155,13 @@ def drift(samples: Sequence[RequestSample], key: str, start: float, end: float) 
     edge = EDGE_SHARE * (end - start)
     if edge <= 0:
         return Drift(None, None, None)
-    first = percentile(
-        [v for s in samples if start < s.elapsed <= start + edge and (v := getattr(s, key))], 99
-    )
-    last = percentile(
-        [v for s in samples if end - edge < s.elapsed <= end and (v := getattr(s, key))], 99
-    )
+
+    def window(low: float, high: float) -> list[float]:
+        values = (getattr(s, key) for s in samples if low < s.elapsed <= high)
+        return [v for v in values if v is not None]
+
+    first = percentile(window(start, start + edge), 99)
+    last = percentile(window(end - edge, end), 99)
     if first is None or last is None or first <= 0:
         return Drift(first, last, None)
     return Drift(first, last, (last - first) / first)
