@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup system-deps jemalloc serve test lint bench clean
+.PHONY: setup system-deps jemalloc serve test lint bench bench-deps clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -55,5 +55,10 @@ test: lint system-deps
 bench: $(STAMP)
 	$(BIN)/enduro bench offline
 
+# The llama.cpp baselines of the performance benchmarks (llama-cpp-python into the venv,
+# llama-server into .bench/): source builds of about 10 minutes each, never part of `make test`.
+bench-deps: $(STAMP)
+	VENV=$(VENV) benchmarks/baselines/build.sh
+
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) .bench .mypy_cache .ruff_cache .pytest_cache

@@ -15,6 +15,7 @@ from enduro.bench.workloads import (
     bad_request,
     chat_request,
     long_request,
+    prefill_request,
     text_of_tokens,
 )
 from enduro.server.protocol import ChatCompletionRequest, CompletionRequest
@@ -64,6 +65,15 @@ def test_chat_and_long_shapes() -> None:
     assert len(long.body["prompt"].split()) == round(1024 / TOKENS_PER_WORD)
     validate(chat)
     validate(long)
+
+
+def test_prefill_is_a_512_token_completion_of_one_token() -> None:
+    request = prefill_request(random.Random(0))
+    assert request.endpoint == "completions" and request.body["max_tokens"] == 1
+    assert len(request.body["prompt"].split()) == round(512 / TOKENS_PER_WORD)
+    validate(request)
+    first = Workload("prefill", seed=1).next_session().next_request()
+    assert first is not None and first.body["max_tokens"] == 1
 
 
 def test_agent_prompts_grow_by_one_turn_over_a_shared_prefix() -> None:

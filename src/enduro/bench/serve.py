@@ -30,7 +30,7 @@ from enduro.bench.soak_server import model_card, wait_ready
 from enduro.bench.workloads import Session, Workload, WorkloadRequest
 from enduro.guard.stats import percentile
 
-ServeWorkload = Literal["chat", "long", "agent"]
+ServeWorkload = Literal["chat", "long", "prefill", "agent"]
 MAX_ERRORS = 5  # distinct failure texts kept per level
 
 
@@ -58,7 +58,8 @@ class ServeBenchOptions:
     """Seconds: the TPOT a request must not exceed to count in goodput."""
     seed: int = 0
     max_tokens: int | None = None
-    """Overrides the workload's max_tokens; None: its own (chat 128, long 64, agent 60-200)."""
+    """Overrides the workload's max_tokens; None: its own (chat 128, long 64, prefill 1, agent
+    60-200)."""
     ignore_eos: bool = True
     stream: bool = True
     max_model_len: int | None = None

@@ -5,7 +5,8 @@ session's requests, given the same replies). Text is plain English words; token 
 approximate: a word of this list counts as 1.1 tokens (`TOKENS_PER_WORD`, measured with Gemma 3's
 tokenizer, sentence punctuation included); other tokenizers give up to ~1.3, i.e. ~20 % more.
 
-Shapes (DESIGN.md, "Workloads"): chat ≈128 tokens in / 128 out; long ≈1,024 in / 64 out; agent =
+Shapes (DESIGN.md, "Workloads"): chat ≈128 tokens in / 128 out; long ≈1,024 in / 64 out; prefill
+≈512 in / 1 out (prompt processing alone, through the completions endpoint); agent =
 multi-step sessions of a phone/GUI agent over a long shared system prompt; mixed = all of these,
 streaming and not, plus client aborts and ≈5 % invalid requests that must get a 400.
 """
@@ -16,7 +17,7 @@ from typing import Any, Literal, Protocol
 
 TOKENS_PER_WORD = 1.1
 Endpoint = Literal["chat", "completions"]
-WorkloadName = Literal["chat", "long", "agent", "mixed"]
+WorkloadName = Literal["chat", "long", "prefill", "agent", "mixed"]
 
 _WORD_TEXT = (
     "the a of and to in is it that was for on are with as his they be at one have this from "
@@ -130,6 +131,11 @@ def long_request(
     rng: random.Random, endpoint: Endpoint = "completions", stream: bool = True
 ) -> WorkloadRequest:
     return chat_request(rng, endpoint, stream, prompt_tokens=1024, max_tokens=64)
+
+
+def prefill_request(rng: random.Random) -> WorkloadRequest:
+    """A 512-token prompt and one output token: its time to first token is the prefill's."""
+    return chat_request(rng, "completions", prompt_tokens=512, max_tokens=1)
 
 
 def bad_request(rng: random.Random) -> WorkloadRequest:
@@ -271,6 +277,8 @@ class Workload:
             return SingleRequest(chat_request(rng))
         if self.name == "long":
             return SingleRequest(long_request(rng))
+        if self.name == "prefill":
+            return SingleRequest(prefill_request(rng))
         if self.name == "agent":
             if not joining:
                 num_steps = rng.randint(*AGENT_STEPS)

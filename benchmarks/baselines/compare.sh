@@ -1,0 +1,109 @@
+#!/usr/bin/env bash
+# enduro next to llama.cpp's server, llama-cpp-python and transformers on the default model,
+# all in one run (benchmarks/README.md, "Side by side"). Needs `make bench-deps`. Each server
+# runs alone on the machine, one after the other; results go to benchmarks/baselines/results.
+# Usage: benchmarks/baselines/compare.sh [STEP...] with STEP among enduro, enduro-nocache,
+# enduro-int4-head, enduro-int8, llama-server, llama-cpp-python, offline, report
+# (default: all, in that order).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+BIN=.venv/bin
+LLAMA_SERVER=.bench/llama.cpp/build/bin/llama-server
+OUT=benchmarks/baselines/results
+PORT=${PORT:-18611}
+URL=http://127.0.0.1:$PORT
+GGUF=$($BIN/python -c "from enduro.loading.loader import resolve_model_path as r; print(r(None))")
+# Agent sessions end before 4,096 tokens on every server (llama-server's /v1/models does not
+# say its context), so all of them see the same prompt lengths.
+AGENT_LEN=4096
+mkdir -p "$OUT"
+
+server_pid=
+stop_server() {
+  if [ -n "$server_pid" ]; then
+    kill "$server_pid" 2>/dev/null || true
+    wait "$server_pid" 2>/dev/null || true
+    server_pid=
+  fi
+}
+trap stop_server EXIT
+
+start_enduro() {
+  $BIN/enduro serve --host 127.0.0.1 --port "$PORT" --log-format text "$@" \
+    >"$OUT/server-$label.log" 2>&1 &
+  server_pid=$!
+}
+
+start_llama_server() {
+  "$LLAMA_SERVER" -m "$GGUF" --host 127.0.0.1 --port "$PORT" --threads 2 "$@" \
+    >"$OUT/server-$label.log" 2>&1 &
+  server_pid=$!
+}
+
+# bench WORKLOAD CONCURRENCY REQUESTS [extra bench serve options]
+bench() {
+  local workload=$1 concurrency=$2 requests=$3
+  shift 3
+  $BIN/enduro bench serve --url "$URL" --label "$label" --workload "$workload" \
+    --concurrency "$concurrency" --num-requests "$requests" --warmup 2 \
+    --out "$OUT/$workload-c$concurrency" "$@"
+}
+
+# The workloads every server runs: short chat at 1 and 16 streams, 512-token prefill, the
+# long prompt at 1 and 4, the agent trace at 8 sessions.
+chat_and_prefill() {
+  bench chat 1 6
+  bench chat 16 48
+  bench prefill 1 8
+}
+long_and_agent() {
+  bench long 1 6
+  bench long 4 16
+  bench agent 8 64 --max-model-len "$AGENT_LEN"
+}
+
+step() {
+  label=$1
+  echo "== $label ($(date -u +%H:%M:%S))"
+  case "$1" in
+    enduro)
+      start_enduro
+      chat_and_prefill
+      long_and_agent ;;
+    enduro-nocache)
+      start_enduro --prefix-cache off
+      bench agent 8 64 --max-model-len "$AGENT_LEN" ;;
+    enduro-int4-head|enduro-int8)
+      start_enduro --quantization "${1#enduro-}"
+      bench chat 1 6
+      bench chat 16 48 ;;
+    llama-server)
+      # The issue's settings for the chat and prefill workloads: 16 slots of 1,024 tokens.
+      start_llama_server --parallel 16 -c 16384
+      chat_and_prefill
+      stop_server
+      # 1,024-token prompts and agent contexts up to 4,096 tokens need longer slots: 8 slots
+      # of 4,096 (its own prompt cache, on by default, keeps each slot's last prompt).
+      start_llama_server --parallel 8 -c 32768
+      long_and_agent ;;
+    llama-cpp-python)
+      $BIN/python benchmarks/baselines/llama_cpp_python.py --json "$OUT/llama-cpp-python.json" ;;
+    offline)
+      # transformers' batched generate on the same weights, same process (bf16, then fp32).
+      $BIN/enduro bench offline --concurrency 1 --concurrency 16 | tee "$OUT/offline-bf16.txt"
+      $BIN/enduro bench offline --dtype float32 --concurrency 1 --concurrency 16 \
+        | tee "$OUT/offline-fp32.txt" ;;
+    report)
+      for dir in "$OUT"/*-c*/; do
+        $BIN/enduro bench compare "$dir"*.json --baseline llama-server --out "$dir" || true
+      done ;;
+    *) echo "unknown step $1" >&2; exit 2 ;;
+  esac
+  stop_server
+}
+
+steps=("$@")
+if [ ${#steps[@]} -eq 0 ]; then
+  steps=(enduro enduro-nocache enduro-int4-head enduro-int8 llama-server llama-cpp-python offline report)
+fi
+for one in "${steps[@]}"; do step "$one"; done
