@@ -352,7 +352,19 @@ def _start(sock: socket.socket, config: EngineConfig, trace_memory: bool) -> Eng
     loop = EngineLoop(core, sock, trace_memory)
     loop.send(Ready(model_info(core)))
     seconds = time.monotonic() - started
-    log.info("ready in %.1f s", seconds, extra={"event": "engine_ready", "seconds": seconds})
+    runner = core.runner
+    log.info(
+        "ready in %.1f s (%d matmul shapes built in %.1f s)",
+        seconds,
+        runner.num_warm_up_matmuls,
+        runner.warm_up_seconds,
+        extra={
+            "event": "engine_ready",
+            "seconds": seconds,
+            "warm_up_matmuls": runner.num_warm_up_matmuls,
+            "warm_up_matmul_seconds": runner.warm_up_seconds,
+        },
+    )
     return loop
 
 

@@ -11,7 +11,8 @@ WARMUP_REQUEST_PREFIX = "__warmup__"
 def warm_up(core: EngineCore) -> None:
     """Run each batch shape the loop will see once — a full prefill chunk, a one-request
     decode, a max_num_seqs-wide decode — so the first real request pays no first-call costs
-    (allocator growth, kernel selection). Then forget them: cache, counters and all."""
+    (allocator growth, kernel selection). Then forget them: cache, counters and all. (Every
+    matmul row bucket was already built when the runner loaded: `CausalLM.warm_up`.)"""
     scheduler_config = core.config.scheduler
     vocab_size = core.runner.arch.vocab_size
     capacity = core.runner.layout.max_num_blocks * core.config.cache.block_size

@@ -13,7 +13,7 @@ from torch import nn
 from enduro.models.arch_config import ArchConfig
 from enduro.models.attention import KVCache
 from enduro.models.attention_metadata import AttentionMetadata
-from enduro.models.layers import Linear, RMSNorm, bucketed_linear
+from enduro.models.layers import Linear, RMSNorm, bucketed_linear, warm_up_matmuls
 from enduro.models.rotary import RotaryEmbedding
 from enduro.models.weight_loader import CheckpointNames, load_checkpoint
 
@@ -82,6 +82,19 @@ class CausalLM(nn.Module):
         if cap is not None:
             logits = torch.tanh(logits / cap) * cap
         return logits
+
+    @torch.inference_mode()
+    def warm_up(self, max_num_tokens: int, max_logit_rows: int) -> int:
+        """Builds every matmul shape a step can run (`layers.warm_up_matmuls`): the decoder
+        layers' projections at up to max_num_tokens rows, the output projection at up to
+        max_logit_rows. Returns the number of matmuls run."""
+        body = [(m.weight, m.bias) for m in self.layers.modules() if isinstance(m, Linear)]
+        head: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+        if self.lm_head is None:
+            head.append((self.embed_tokens.weight, None))
+        elif isinstance(self.lm_head, Linear):
+            head.append((self.lm_head.weight, self.lm_head.bias))
+        return warm_up_matmuls(body, max_num_tokens) + warm_up_matmuls(head, max_logit_rows)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Assign transformers-named tensors (already in the model dtype), then build buffers.

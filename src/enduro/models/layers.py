@@ -1,6 +1,6 @@
 """Layers shared by every architecture: RMSNorm, fused linear projections, the gated MLP."""
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import partial
 
 import torch
@@ -66,6 +66,38 @@ def bucketed_linear(
     if bucket == rows or not half or x.device.type != "cpu" or x.dim() != 2:
         return F.linear(x, weight, bias)
     return F.linear(F.pad(x, (0, 0, 0, bucket - rows)), weight, bias)[:rows]
+
+
+def row_buckets(max_rows: int) -> list[int]:
+    """Every row count `bucketed_linear` runs a matmul at, for inputs of 1 to max_rows rows."""
+    return sorted({row_bucket(rows) for rows in range(1, max_rows + 1)})
+
+
+def warm_up_matmuls(
+    weights: Sequence[tuple[torch.Tensor, torch.Tensor | None]], max_rows: int
+) -> int:
+    """Runs each distinct weight shape at every row bucket up to max_rows, on zeros; returns
+    the number of matmuls run.
+
+    oneDNN's primitive for a shape is built and cached the first time it is seen (≈1 MB each,
+    `bucketed_linear`), so without this an engine's memory creeps up for its first hours as
+    rarer step sizes show up, a bounded growth the guard cannot tell from a slow leak. Paying
+    it at start-up makes the footprint flat from the first request (benchmarks/README.md,
+    "Memory"). Only half precision on CPU builds these primitives; other weights are skipped.
+    """
+    seen: set[tuple[tuple[int, ...], torch.dtype, bool]] = set()
+    num_run = 0
+    for weight, bias in weights:
+        key = (tuple(weight.shape), weight.dtype, bias is not None)
+        half = weight.dtype in (torch.bfloat16, torch.float16)
+        if key in seen or not half or weight.device.type != "cpu" or weight.dim() != 2:
+            continue
+        seen.add(key)
+        for rows in row_buckets(max_rows):
+            x = weight.new_zeros(rows, weight.shape[1])
+            bucketed_linear(x, weight, bias)
+            num_run += 1
+    return num_run
 
 
 class Linear(nn.Linear):

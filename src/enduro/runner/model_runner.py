@@ -57,6 +57,12 @@ class ModelRunner:
         quantize_model(self.model, config.model.quantization)
         self.model.to(self.device)
         self.load_seconds = time.monotonic() - started
+        started = time.monotonic()
+        scheduler = config.scheduler
+        self.num_warm_up_matmuls = self.model.warm_up(
+            scheduler.max_num_batched_tokens, max(scheduler.max_num_seqs, PROMPT_LOGPROBS_ROWS)
+        )
+        self.warm_up_seconds = time.monotonic() - started
         self.block_size = config.cache.block_size
         self.layout = config.cache.pool_layout(self._bytes_per_block())
         self.num_blocks = self.layout.max_num_blocks
