@@ -45,6 +45,21 @@ def test_seeded_sampling_ignores_the_rest_of_the_batch() -> None:
     assert draws_a == draws_b
 
 
+def test_random_samples_follow_the_distribution_and_skip_masked_tokens() -> None:
+    sampler = Sampler(seed=0, device=torch.device("cpu"))
+    probs = torch.tensor([0.5, 0.0, 0.3, 0.2, 0.0])
+    logits = probs.log().expand(20_000, -1)  # zeros become -inf: never drawable
+    states = _states(sampler, *[SamplingParams(temperature=1.0)] * 20_000)
+    tokens, _ = sampler.sample(logits, states)
+    counts = torch.bincount(torch.tensor(tokens), minlength=5)
+    assert counts[1] == 0 and counts[4] == 0
+    # 20,000 draws: one standard deviation of a share is at most 0.0035.
+    torch.testing.assert_close(counts.float() / 20_000, probs, atol=0.012, rtol=0)
+    # top_k=1 leaves one token, however the uniform falls.
+    top1 = _states(sampler, *[SamplingParams(temperature=1.0, top_k=1)] * 50)
+    assert sampler.sample(logits[:50], top1)[0] == [0] * 50
+
+
 def test_top_k_top_p_min_p_masks() -> None:
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     sampler = Sampler(seed=0, device=torch.device("cpu"))

@@ -65,14 +65,28 @@ class Sampler:
         temperatures = torch.tensor([s.params.temperature for s in states], device=logits.device)
         logits = logits / temperatures.unsqueeze(1)
         logits = apply_top_k_top_p_min_p(logits, states)
-        probs = torch.softmax(logits, dim=-1)
-        # Exponential race (argmax p_i / E_i with E_i ~ Exp(1)) samples from p; drawing each
-        # row's noise from its own generator keeps a seeded request's tokens independent of
-        # whatever else is in the batch.
-        noise = torch.empty_like(probs)
-        for i, state in enumerate(states):
-            noise[i].exponential_(generator=state.generator or self.shared_generator)
-        return (probs / noise).argmax(dim=-1)
+        # Inverse CDF: one uniform draw u per row picks the first token whose cumulative
+        # probability exceeds u * total. Drawing each row's u from its own generator keeps a
+        # seeded request's tokens independent of whatever else is in the batch. (An
+        # exponential race, argmax p / E, needs a draw per vocabulary entry: 9 ms a row for
+        # Gemma 3's 262k tokens, 150 ms of a 16-row step.) float64 sums keep the cumulative
+        # probabilities exact enough that u * total < total, and `right=True` never lands on
+        # a zero-probability token: cdf[i] > x >= cdf[i - 1] means p[i] > 0.
+        cdf = torch.softmax(logits, dim=-1).double().cumsum_(dim=-1)
+        uniforms = torch.cat(
+            [
+                torch.rand(
+                    1,
+                    dtype=torch.float64,
+                    generator=state.generator or self.shared_generator,
+                    device=logits.device,
+                )
+                for state in states
+            ]
+        )
+        targets = (uniforms * cdf[:, -1]).unsqueeze(1)
+        tokens = torch.searchsorted(cdf, targets, right=True).squeeze(1)
+        return tokens.clamp_(max=logits.shape[1] - 1)  # u * total rounded up to total: 2^-53
 
 
 def apply_penalties(logits: torch.Tensor, states: list[RequestState]) -> torch.Tensor:
