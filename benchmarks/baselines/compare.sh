@@ -35,7 +35,8 @@ start_enduro() {
 }
 
 start_llama_server() {
-  "$LLAMA_SERVER" -m "$GGUF" --host 127.0.0.1 --port "$PORT" --threads 2 "$@" \
+  "$LLAMA_SERVER" -m "$GGUF" --alias "$(basename "$GGUF" .gguf)" --host 127.0.0.1 --port "$PORT" \
+    --threads 2 "$@" \
     >"$OUT/server-$label.log" 2>&1 &
   server_pid=$!
 }
