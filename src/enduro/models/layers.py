@@ -82,8 +82,9 @@ def warm_up_matmuls(
     oneDNN's primitive for a shape is built and cached the first time it is seen (≈1 MB each,
     `bucketed_linear`), so without this an engine's memory creeps up for its first hours as
     rarer step sizes show up, a bounded growth the guard cannot tell from a slow leak. Paying
-    it at start-up makes the footprint flat from the first request (benchmarks/README.md,
-    "Memory"). Only half precision on CPU builds these primitives; other weights are skipped.
+    it at start-up keeps the primitives' share of the footprint flat from the first request
+    (benchmarks/README.md, "Memory"). Only half precision on CPU builds these primitives;
+    other weights are skipped.
     """
     seen: set[tuple[tuple[int, ...], torch.dtype, bool]] = set()
     num_run = 0
