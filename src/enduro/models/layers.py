@@ -49,6 +49,12 @@ def row_bucket(rows: int) -> int:
     return -(-rows // step) * step
 
 
+def builds_primitives(t: torch.Tensor) -> bool:
+    """Whether a matmul on this 2-D tensor runs in oneDNN with a primitive per shape: half
+    precision on CPU (fp32 goes to MKL, which keeps none)."""
+    return t.dtype in (torch.bfloat16, torch.float16) and t.device.type == "cpu" and t.dim() == 2
+
+
 def bucketed_linear(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:
@@ -62,8 +68,7 @@ def bucketed_linear(
     """
     rows = x.shape[0]
     bucket = row_bucket(rows)
-    half = x.dtype in (torch.bfloat16, torch.float16)
-    if bucket == rows or not half or x.device.type != "cpu" or x.dim() != 2:
+    if bucket == rows or not builds_primitives(x):
         return F.linear(x, weight, bias)
     return F.linear(F.pad(x, (0, 0, 0, bucket - rows)), weight, bias)[:rows]
 
@@ -83,15 +88,13 @@ def warm_up_matmuls(
     `bucketed_linear`), so without this an engine's memory creeps up for its first hours as
     rarer step sizes show up, a bounded growth the guard cannot tell from a slow leak. Paying
     it at start-up keeps the primitives' share of the footprint flat from the first request
-    (benchmarks/README.md, "Memory"). Only half precision on CPU builds these primitives;
-    other weights are skipped.
+    (benchmarks/README.md, "Memory"). Weights that build none are skipped.
     """
     seen: set[tuple[tuple[int, ...], torch.dtype, bool]] = set()
     num_run = 0
     for weight, bias in weights:
         key = (tuple(weight.shape), weight.dtype, bias is not None)
-        half = weight.dtype in (torch.bfloat16, torch.float16)
-        if key in seen or not half or weight.device.type != "cpu" or weight.dim() != 2:
+        if key in seen or not builds_primitives(weight):
             continue
         seen.add(key)
         for rows in row_buckets(max_rows):
