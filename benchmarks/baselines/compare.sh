@@ -4,7 +4,9 @@
 # runs alone on the machine, one after the other; results go to benchmarks/baselines/results.
 # Usage: benchmarks/baselines/compare.sh [STEP...] with STEP among enduro, enduro-nocache,
 # enduro-int4-head, enduro-int8, llama-server, llama-cpp-python, offline, report
-# (default: all, in that order).
+# (default: all, in that order), and c16-repeats: the 16-stream chat level three times per
+# server, enduro and llama-server alternating, into results/chat-c16-repeats (the servers'
+# run-to-run spread is ±15 % on this VM, so one run's ratio can be luck).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 BIN=.venv/bin
@@ -47,7 +49,7 @@ bench() {
   shift 3
   $BIN/enduro bench serve --url "$URL" --label "$label" --workload "$workload" \
     --concurrency "$concurrency" --num-requests "$requests" --warmup 2 \
-    --out "$OUT/$workload-c$concurrency" "$@"
+    --out "${bench_out:-$OUT/$workload-c$concurrency}" "$@"
 }
 
 # The workloads every server runs: short chat at 1 and 16 streams, 512-token prefill, the
@@ -94,8 +96,20 @@ step() {
       $BIN/enduro bench offline --concurrency 1 --concurrency 16 | tee "$OUT/offline-bf16.txt"
       $BIN/enduro bench offline --dtype float32 --concurrency 1 --concurrency 16 \
         | tee "$OUT/offline-fp32.txt" ;;
+    c16-repeats)
+      for round in 1 2 3; do
+        for server in enduro llama-server; do
+          label=$server-$round bench_out=$OUT/chat-c16-repeats
+          if [ "$server" = enduro ]; then start_enduro; else start_llama_server --parallel 16 -c 16384; fi
+          bench chat 16 32
+          stop_server
+          rm -f "$OUT/server-$label.log"
+        done
+      done
+      bench_out= ;;
     report)
       for dir in "$OUT"/*-c*/; do
+        case "$dir" in *-repeats/) continue ;; esac  # labelled by round: no single baseline
         $BIN/enduro bench compare "$dir"*.json --baseline llama-server --out "$dir" || true
       done ;;
     *) echo "unknown step $1" >&2; exit 2 ;;
