@@ -31,6 +31,10 @@ METRICS = """\
 # TYPE enduro_process_memory_bytes gauge
 enduro_process_memory_bytes{process="api"} 104857600.0
 enduro_process_memory_bytes{process="engine"} 209715200.0
+# TYPE enduro_malloc_bytes gauge
+enduro_malloc_bytes{process="api",state="allocated"} 52428800.0
+enduro_malloc_bytes{process="engine",state="allocated"} 157286400.0
+enduro_malloc_bytes{process="engine",state="held"} 31457280.0
 # TYPE enduro_kv_cache_usage_ratio gauge
 enduro_kv_cache_usage_ratio 0.25
 # TYPE enduro_kv_cache_fragmentation_ratio gauge
@@ -139,6 +143,8 @@ def test_read_metrics_takes_the_series_it_knows() -> None:
     assert read_metrics(METRICS + PREFIX_COUNTERS.format(queries=400, hits=300)) == {
         "api_memory_bytes": 100 * MIB,
         "engine_memory_bytes": 200 * MIB,
+        "engine_malloc_allocated_bytes": 150 * MIB,
+        "engine_malloc_held_bytes": 30 * MIB,
         "kv_usage": 0.25,
         "kv_fragmentation": 0.0,
         "engine_restarts": 0.0,

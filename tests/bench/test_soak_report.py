@@ -16,6 +16,7 @@ from enduro.bench.soak_report import (
     VerdictCriteria,
     compute_verdict,
     drift,
+    verdict_markdown,
     write_report,
 )
 
@@ -89,6 +90,34 @@ def test_a_memory_ramp_fails_with_its_slope() -> None:
         "memory grows 3600.0 MiB/h (95 % CI 3600.0 to 3600.0, p = "
         f"{verdict.memory.p_value:.2g}), above 64.0 MiB/h"
     ]
+
+
+def test_engine_malloc_split_is_reported_but_not_judged() -> None:
+    # Flat total memory; the engine's allocator moves 2 MiB/s from held to allocated.
+    split = [
+        dataclasses.replace(
+            row,
+            engine_malloc_allocated_bytes=400 * MIB + row.elapsed * 2 * MIB,
+            engine_malloc_held_bytes=300 * MIB - row.elapsed * 2 * MIB,
+        )
+        for row in rows()
+    ]
+    verdict = compute_verdict(split, samples(), [], CRITERIA, RUN)
+    assert verdict.passed
+    trends = verdict.engine_malloc
+    assert list(trends) == ["allocated", "held"]
+    assert trends["allocated"].slope == pytest.approx(7200 * MIB)
+    assert trends["held"].slope == pytest.approx(-7200 * MIB)
+    assert trends["allocated"].num_points == 90
+    markdown = verdict_markdown(verdict)
+    assert "| engine malloc allocated slope (not a criterion) | +7200.00 MiB/h" in markdown
+    assert "| engine malloc held slope (not a criterion) | -7200.00 MiB/h" in markdown
+
+
+def test_without_malloc_figures_there_is_no_split() -> None:
+    verdict = compute_verdict(rows(), samples(), [], CRITERIA, RUN)
+    assert verdict.engine_malloc == {}
+    assert "engine malloc" not in verdict_markdown(verdict)
 
 
 def test_growth_during_warmup_is_not_counted() -> None:

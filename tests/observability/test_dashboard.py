@@ -76,6 +76,8 @@ def heartbeat(engine: InProcessEngineClient) -> EngineStats:
         kv_cache_bytes=0,
         pool_violations=[],
         python_heap_bytes=None,
+        malloc_allocated_bytes=None,
+        malloc_held_bytes=None,
         step_seconds_counts=[0] * (len(STEP_SECONDS_BUCKETS) + 1),
         step_seconds_sum=0.0,
     )

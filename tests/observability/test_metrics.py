@@ -216,6 +216,8 @@ def heartbeat(**changes: Any) -> EngineStats:
         "kv_cache_bytes": 128 * 4096,
         "pool_violations": [],
         "python_heap_bytes": 5_000_000,
+        "malloc_allocated_bytes": 300_000_000,
+        "malloc_held_bytes": 20_000_000,
         "step_seconds_counts": [0, 10, 20, *[0] * 14, 10],
         "step_seconds_sum": 123.5,
     }
@@ -283,6 +285,14 @@ def test_engine_gauges_and_counters_come_from_the_heartbeat() -> None:
     )
     heap = samples_of(families["enduro_python_heap_bytes"], "process")
     assert heap[("enduro_python_heap_bytes", "engine")] == 5_000_000
+    malloc = {
+        (s.labels["process"], s.labels["state"]): s.value
+        for s in families["enduro_malloc_bytes"].samples
+    }
+    assert malloc[("engine", "allocated")] == 300_000_000
+    assert malloc[("engine", "held")] == 20_000_000
+    # The API process reads its own allocator (glibc: it is never preloaded).
+    assert malloc[("api", "allocated")] > 0 and ("api", "held") in malloc
     assert promtool_problems(exposition) == ""
 
 
@@ -365,6 +375,8 @@ def test_serve_exposes_live_engine_gauges_on_the_metrics_port(
             labels = (("process", process),)
             assert final[("enduro_process_memory_bytes", labels)] > 0
             assert final[("enduro_python_heap_bytes", labels)] > 0
+            allocated = (("process", process), ("state", "allocated"))
+            assert final[("enduro_malloc_bytes", allocated)] > 0
         exposition = httpx.get(metrics_url).text
         assert promtool_problems(exposition) == ""
         # Only /metrics there; the API port serves it too.

@@ -93,6 +93,8 @@ STATS = EngineStats(
     kv_cache_bytes=1 << 20,
     pool_violations=["3 blocks hold references no live request accounts for"],
     python_heap_bytes=None,
+    malloc_allocated_bytes=400_000_000,
+    malloc_held_bytes=None,
     step_seconds_counts=[0, 1, 2, *[0] * 14, 1],
     step_seconds_sum=20.25,
 )

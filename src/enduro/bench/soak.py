@@ -59,17 +59,19 @@ DURATION_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
 MAX_ERROR_SAMPLES = 20  # distinct error texts kept for the verdict
 # Seconds a worker waits after a connection error, so a dead server is not spun on.
 RETRY_PAUSE = 0.1
-# Prometheus sample (name, process label) → Row field.
+# Prometheus sample (name, process label, state label) → Row field.
 METRICS = {
-    ("enduro_process_memory_bytes", "api"): "api_memory_bytes",
-    ("enduro_process_memory_bytes", "engine"): "engine_memory_bytes",
-    ("enduro_kv_cache_usage_ratio", None): "kv_usage",
-    ("enduro_kv_cache_fragmentation_ratio", None): "kv_fragmentation",
-    ("enduro_kv_cache_bytes", None): "kv_cache_bytes",
-    ("enduro_engine_restarts_total", None): "engine_restarts",
+    ("enduro_process_memory_bytes", "api", None): "api_memory_bytes",
+    ("enduro_process_memory_bytes", "engine", None): "engine_memory_bytes",
+    ("enduro_malloc_bytes", "engine", "allocated"): "engine_malloc_allocated_bytes",
+    ("enduro_malloc_bytes", "engine", "held"): "engine_malloc_held_bytes",
+    ("enduro_kv_cache_usage_ratio", None, None): "kv_usage",
+    ("enduro_kv_cache_fragmentation_ratio", None, None): "kv_fragmentation",
+    ("enduro_kv_cache_bytes", None, None): "kv_cache_bytes",
+    ("enduro_engine_restarts_total", None, None): "engine_restarts",
     # Cumulative; a Row gets the interval's hit rate (`interval_hit_rate`).
-    ("enduro_prefix_cache_queries_tokens_total", None): "prefix_queries",
-    ("enduro_prefix_cache_hits_tokens_total", None): "prefix_hits",
+    ("enduro_prefix_cache_queries_tokens_total", None, None): "prefix_queries",
+    ("enduro_prefix_cache_hits_tokens_total", None, None): "prefix_hits",
 }
 
 
@@ -188,7 +190,8 @@ def read_metrics(text: str) -> dict[str, float]:
     figures: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            key = METRICS.get((sample.name, sample.labels.get("process")))
+            labels = sample.labels
+            key = METRICS.get((sample.name, labels.get("process"), labels.get("state")))
             if key is not None:
                 figures[key] = sample.value
     return figures

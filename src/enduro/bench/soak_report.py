@@ -12,7 +12,7 @@ import csv
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +45,9 @@ class Row:
     output_tokens_per_s: float
     api_memory_bytes: float | None = None  # None: the server did not report it
     engine_memory_bytes: float | None = None
+    # What the engine's malloc callers hold, and what malloc keeps besides (freed, not returned).
+    engine_malloc_allocated_bytes: float | None = None
+    engine_malloc_held_bytes: float | None = None
     kv_usage: float | None = None
     kv_fragmentation: float | None = None
     prefix_cache_hit_rate: float | None = None  # share of the interval's looked-up prompt tokens
@@ -124,16 +127,26 @@ class Verdict:
     alerts: list[dict[str, Any]]
     events: list[dict[str, Any]]
     error_samples: list[str]
+    engine_malloc: dict[str, MemoryTrend] = field(default_factory=dict)
+    """Slopes of the engine's malloc figures ("allocated", "held"): not criteria, but what
+    tells live growth from allocator retention when the memory slope fails."""
 
 
-def memory_trend(rows: Sequence[Row]) -> MemoryTrend | None:
-    """Theil–Sen slope of API + engine memory over elapsed time; API alone when the server
-    never reported an engine (rows missing a reading are skipped)."""
-    with_engine = any(row.engine_memory_bytes is not None for row in rows)
-    points = [
-        (row.elapsed, row.total_memory_bytes if with_engine else row.api_memory_bytes)
-        for row in rows
-    ]
+# Row fields whose trends split the engine's memory (`Verdict.engine_malloc`).
+MALLOC_FIELDS = {
+    "allocated": "engine_malloc_allocated_bytes",
+    "held": "engine_malloc_held_bytes",
+}
+
+
+def memory_trend(rows: Sequence[Row], field_name: str | None = None) -> MemoryTrend | None:
+    """Theil–Sen slope of a memory figure over elapsed time: `field_name` of the rows, or by
+    default API + engine memory (API alone when the server never reported an engine); rows
+    missing a reading are skipped."""
+    if field_name is None:
+        with_engine = any(row.engine_memory_bytes is not None for row in rows)
+        field_name = "total_memory_bytes" if with_engine else "api_memory_bytes"
+    points = [(row.elapsed, getattr(row, field_name)) for row in rows]
     known = [(x, y) for x, y in points if y is not None]
     estimate = theil_sen([x for x, _ in known], [y for _, y in known])
     if estimate is None:
@@ -200,6 +213,11 @@ def compute_verdict(
         alerts=alerts,
         events=[dict(event) for event in events],
         error_samples=list(error_samples),
+        engine_malloc={
+            name: trend
+            for name, field_name in MALLOC_FIELDS.items()
+            if (trend := memory_trend(settled, field_name)) is not None
+        },
     )
 
 
@@ -268,14 +286,16 @@ def _drift_cell(figure: Drift) -> str:
     return f"{_ms(figure.first)} → {_ms(figure.last)} ({change})"
 
 
+def _slope_cell(trend: MemoryTrend) -> str:
+    return (
+        f"{trend.slope / MIB:+.2f} MiB/h (95 % CI {trend.low / MIB:+.2f} to "
+        f"{trend.high / MIB:+.2f}, p = {trend.p_value:.2g}, {trend.num_points} points)"
+    )
+
+
 def verdict_markdown(verdict: Verdict) -> str:
     run, counts, memory = verdict.run, verdict.requests, verdict.memory
-    slope = "– (too few readings)"
-    if memory is not None:
-        slope = (
-            f"{memory.slope / MIB:+.2f} MiB/h (95 % CI {memory.low / MIB:+.2f} to "
-            f"{memory.high / MIB:+.2f}, p = {memory.p_value:.2g}, {memory.num_points} points)"
-        )
+    slope = "– (too few readings)" if memory is None else _slope_cell(memory)
     lines = [
         f"# Soak: {'PASS' if verdict.passed else 'FAIL'}",
         "",
@@ -287,6 +307,10 @@ def verdict_markdown(verdict: Verdict) -> str:
         f"| requests ok / failed | {counts.ok} / {counts.failed} |",
         f"| expected 400s / client aborts | {counts.expected_errors} / {counts.aborted} |",
         f"| memory slope (API + engine, KV pool excluded) | {slope} |",
+        *[
+            f"| engine malloc {name} slope (not a criterion) | {_slope_cell(trend)} |"
+            for name, trend in verdict.engine_malloc.items()
+        ],
         f"| p99 TTFT, first → last 10 % | {_drift_cell(verdict.ttft_p99_drift)} |",
         f"| p99 TPOT, first → last 10 % | {_drift_cell(verdict.tpot_p99_drift)} |",
         f"| alerts | {len(verdict.alerts)} |",
@@ -306,6 +330,8 @@ MEMORY_SERIES: list[Series] = [
     ("api", "api_memory_bytes", MIB),
     ("engine", "engine_memory_bytes", MIB),
     ("api + engine", "total_memory_bytes", MIB),
+    ("engine malloc: allocated", "engine_malloc_allocated_bytes", MIB),
+    ("engine malloc: held free", "engine_malloc_held_bytes", MIB),
 ]
 PANELS: dict[str, tuple[str, list[tuple[str, list[Series]]]]] = {
     "memory.png": ("Memory", [("MiB", MEMORY_SERIES)]),

@@ -29,7 +29,7 @@ from enduro.engine.step_times import StepTimes
 from enduro.engine.warmup import warm_up
 from enduro.guard.introspection import HeapBaseline, collect_and_trim
 from enduro.observability.logging import configure_logging
-from enduro.observability.process_memory import python_heap_bytes
+from enduro.observability.process_memory import malloc_stats, python_heap_bytes
 from enduro.outputs import EngineCoreOutput
 from enduro.request import FinishReason
 from enduro.sampling_params import SamplingParams
@@ -267,6 +267,7 @@ class EngineLoop:
     def stats(self, now: float) -> EngineStats:
         scheduler = self.core.scheduler
         pool = scheduler.kv_cache_manager.block_pool
+        malloc = malloc_stats()
         return EngineStats(
             time=now,
             num_steps=scheduler.stats.num_steps,
@@ -294,6 +295,14 @@ class EngineLoop:
             kv_cache_bytes=self.core.kv_cache_bytes,
             pool_violations=self._pool_violations(now),
             python_heap_bytes=python_heap_bytes(),
+            # The KV pool's reservation is one malloc'd block that counts as allocated whether
+            # its pages are committed or not; what changes is everything else.
+            malloc_allocated_bytes=(
+                max(malloc.allocated_bytes - self.core.runner.kv_cache.host_reserved_bytes, 0)
+                if malloc
+                else None
+            ),
+            malloc_held_bytes=malloc.held_bytes if malloc else None,
             step_seconds_counts=list(self.step_times.counts),
             step_seconds_sum=self.step_times.sum,
         )

@@ -18,6 +18,8 @@ import tracemalloc
 from collections import Counter
 from typing import Any
 
+from enduro.observability.process_memory import jemalloc_mallctl
+
 
 def gc_type_counts() -> Counter[str]:
     return Counter(type(obj).__name__ for obj in gc.get_objects())
@@ -73,28 +75,11 @@ def _malloc_trim() -> "ctypes._NamedFuncPointer | None":
 _JEMALLOC_PURGE_ALL = b"arena.4096.purge"
 
 
-@functools.cache
-def _jemalloc_mallctl() -> "ctypes._NamedFuncPointer | None":
-    try:
-        mallctl = ctypes.CDLL(None).mallctl  # present only when jemalloc is loaded
-    except (OSError, AttributeError):
-        return None
-    mallctl.argtypes = [
-        ctypes.c_char_p,
-        ctypes.c_void_p,
-        ctypes.c_void_p,
-        ctypes.c_void_p,
-        ctypes.c_size_t,
-    ]
-    mallctl.restype = ctypes.c_int
-    return mallctl
-
-
 def collect_and_trim() -> dict[str, Any]:
     """gc.collect() then malloc_trim(0), or a purge of every arena under jemalloc; what each
     did (None: that allocator is not the one in use)."""
     collected = gc.collect()
-    mallctl = _jemalloc_mallctl()
+    mallctl = jemalloc_mallctl()
     if mallctl is not None:
         purged = mallctl(_JEMALLOC_PURGE_ALL, None, None, None, 0) == 0
         return {"gc_collected": collected, "malloc_trim_released": None, "jemalloc_purged": purged}

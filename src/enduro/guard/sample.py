@@ -20,6 +20,10 @@ class Sample:
     """RssAnon + VmSwap of the engine process."""
     api_python_heap_bytes: int | None = None
     engine_python_heap_bytes: int | None = None
+    engine_malloc_allocated_bytes: int | None = None
+    """Bytes the engine's malloc callers hold (tensors, kernel caches, Python's large objects)."""
+    engine_malloc_held_bytes: int | None = None
+    """Bytes the engine's malloc keeps beyond that: freed but not yet returned, and metadata."""
     gc_collections: int = 0
     """Garbage collections run in the API process so far, all generations."""
     num_fds: int = 0

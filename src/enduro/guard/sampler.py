@@ -64,6 +64,8 @@ class GuardSampler:
             engine_memory_bytes=anon_memory_bytes(pid) if pid is not None else None,
             api_python_heap_bytes=python_heap_bytes(),
             engine_python_heap_bytes=stats.python_heap_bytes if stats else None,
+            engine_malloc_allocated_bytes=stats.malloc_allocated_bytes if stats else None,
+            engine_malloc_held_bytes=stats.malloc_held_bytes if stats else None,
             gc_collections=sum(generation["collections"] for generation in gc.get_stats()),
             num_fds=_count_fds(),
             num_threads=threading.active_count(),

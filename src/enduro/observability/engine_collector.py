@@ -22,7 +22,11 @@ from prometheus_client.core import (
     Metric,
 )
 
-from enduro.observability.process_memory import anon_memory_bytes, python_heap_bytes
+from enduro.observability.process_memory import (
+    anon_memory_bytes,
+    malloc_stats,
+    python_heap_bytes,
+)
 from enduro.server.ipc import STEP_SECONDS_BUCKETS, EngineStats
 
 
@@ -210,6 +214,12 @@ class EngineCollector:
             "Bytes in live blocks of CPython's small-object allocator (objects <= 512 bytes).",
             labels=["process"],
         )
+        malloc = GaugeMetricFamily(
+            "enduro_malloc_bytes",
+            "What the C allocator reports: bytes its callers hold (allocated; the engine's KV"
+            " pool reservation left out) and bytes it keeps besides (held: freed, not returned).",
+            labels=["process", "state"],
+        )
         if read:
             readings = {
                 "api": (anon_memory_bytes(), python_heap_bytes()),
@@ -223,5 +233,19 @@ class EngineCollector:
                     memory.add_metric([process], memory_bytes)
                 if heap_bytes is not None:
                     heap.add_metric([process], heap_bytes)
+            api_malloc = malloc_stats()
+            allocated_held = {
+                "api": (
+                    (api_malloc.allocated_bytes, api_malloc.held_bytes) if api_malloc else None
+                ),
+                "engine": (
+                    (stats.malloc_allocated_bytes, stats.malloc_held_bytes) if stats else None
+                ),
+            }
+            for process, pair in allocated_held.items():
+                for state, value in zip(("allocated", "held"), pair or (None, None), strict=True):
+                    if value is not None:
+                        malloc.add_metric([process, state], value)
         yield memory
         yield heap
+        yield malloc

@@ -9,12 +9,14 @@
   (tensors, big arrays) come from malloc and show only in process memory. Read through
   `_PyObject_DebugMallocStats` into an in-memory stream: a walk over pymalloc's arenas
   (well under a millisecond), not over objects.
+- Allocator figures (`malloc_stats`): what malloc's callers hold vs what malloc keeps.
 """
 
 import ctypes
 import functools
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 _STATUS_FIELDS = ("RssAnon:", "VmSwap:")
@@ -88,3 +90,97 @@ def python_heap_bytes() -> int | None:
     text = stats.text() if stats is not None else None
     match = _ALLOCATED.search(text) if text else None
     return int(match.group(1).replace(b",", b"")) if match else None
+
+
+@dataclass(frozen=True)
+class MallocStats:
+    """What the C allocator of this process says about its heap.
+
+    A process's anonymous memory is what malloc's callers hold (`allocated_bytes`) plus what
+    malloc keeps after they freed it (`held_bytes`: free chunks glibc cannot return, dirty
+    pages jemalloc has not purged yet, and its metadata). Growth in the first is live memory,
+    a leak or a cache; growth in the second is the allocator's retention, which a purge or
+    a trim gives back. Reading both is how the guard and the soak tell the two apart.
+    """
+
+    allocator: str
+    """"jemalloc" or "glibc"."""
+    allocated_bytes: int
+    held_bytes: int
+
+
+class _MallInfo2(ctypes.Structure):
+    # glibc's struct mallinfo2 (2.33+): every field a size_t.
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in (
+            "arena",
+            "ordblks",
+            "smblks",
+            "hblks",
+            "hblkhd",
+            "usmblks",
+            "fsmblks",
+            "uordblks",
+            "fordblks",
+            "keepcost",
+        )
+    ]
+
+
+@functools.cache
+def jemalloc_mallctl() -> "ctypes._NamedFuncPointer | None":
+    try:
+        mallctl = ctypes.CDLL(None).mallctl  # present only when jemalloc is loaded
+    except (OSError, AttributeError):
+        return None
+    mallctl.argtypes = [
+        ctypes.c_char_p,
+        ctypes.c_void_p,
+        ctypes.c_void_p,
+        ctypes.c_void_p,
+        ctypes.c_size_t,
+    ]
+    mallctl.restype = ctypes.c_int
+    return mallctl
+
+
+@functools.cache
+def _glibc_mallinfo2() -> "ctypes._NamedFuncPointer | None":
+    try:
+        mallinfo2 = ctypes.CDLL(None).mallinfo2
+    except (OSError, AttributeError):  # not glibc, or older than 2.33
+        return None
+    mallinfo2.argtypes = []
+    mallinfo2.restype = _MallInfo2
+    return mallinfo2
+
+
+def _jemalloc_size(mallctl: "ctypes._NamedFuncPointer", name: bytes) -> int | None:
+    value, size = ctypes.c_size_t(), ctypes.c_size_t(ctypes.sizeof(ctypes.c_size_t))
+    if mallctl(name, ctypes.byref(value), ctypes.byref(size), None, 0) != 0:
+        return None
+    return value.value
+
+
+def malloc_stats() -> MallocStats | None:
+    """This process's allocator figures; None where neither jemalloc nor glibc's mallinfo2
+    answers. Cheap (jemalloc sums per-arena counters, glibc walks its arenas' bin heads)."""
+    mallctl = jemalloc_mallctl()
+    if mallctl is not None:
+        # jemalloc's statistics are a snapshot refreshed by writing to "epoch".
+        epoch = ctypes.c_uint64(1)
+        if mallctl(b"epoch", None, None, ctypes.byref(epoch), ctypes.sizeof(epoch)) != 0:
+            return None
+        allocated = _jemalloc_size(mallctl, b"stats.allocated")
+        resident = _jemalloc_size(mallctl, b"stats.resident")
+        if allocated is None or resident is None:  # built with --disable-stats
+            return None
+        return MallocStats("jemalloc", allocated, max(resident - allocated, 0))
+    mallinfo2 = _glibc_mallinfo2()
+    if mallinfo2 is None:
+        return None
+    info = mallinfo2()
+    # uordblks: in use in the arenas; hblkhd: blocks mmapped on their own (large ones);
+    # fordblks: free chunks the arenas keep.
+    return MallocStats("glibc", info.uordblks + info.hblkhd, info.fordblks)

@@ -72,6 +72,12 @@ class KVCache:
         return 2 * len(self.layers) * k[0].nbytes
 
     @property
+    def host_reserved_bytes(self) -> int:
+        """Bytes of host memory reserved for the pool at its maximum (0 off CPU): malloc counts
+        all of it as allocated, committed or not."""
+        return self.max_num_blocks * self.block_bytes if self.on_cpu else 0
+
+    @property
     def bytes_per_segment(self) -> int:
         return self.segment_blocks * self.block_bytes
 

@@ -86,6 +86,9 @@ class EngineStats:
     kv_cache_bytes: int  # the KV pool's allocated segments
     pool_violations: list[str]  # broken pool invariants (KVCacheManager.check_invariants)
     python_heap_bytes: int | None  # observability/process_memory.py; None if unreadable
+    # malloc's callers hold / malloc keeps (process_memory.MallocStats); None if unreadable.
+    malloc_allocated_bytes: int | None
+    malloc_held_bytes: int | None
     # Steps per bucket of STEP_SECONDS_BUCKETS, then the +Inf bucket (not cumulative), and
     # the sum of their durations in seconds.
     step_seconds_counts: list[int]
