@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The recorded soaks of benchmarks/README.md ("Soak"), one after the other, on the default
 # model with `enduro serve`'s defaults (guard heal). Usage: benchmarks/soak/run.sh [RUN...]
-# where RUN is agent, leak (observe and heal side by side), leak-observe, leak-heal,
+# where RUN is agent (or agent-NAME), leak (observe and heal side by side), leak-observe, leak-heal,
 # alloc-glibc, alloc-arena2, alloc-jemalloc.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -16,7 +16,8 @@ soak() { .venv/bin/enduro soak "$@" || true; }  # a FAIL verdict is a result, no
 
 run() {
   case "$1" in
-    agent) soak --duration 30m --concurrency 8 --workload agent --report "$out/agent" \
+    # agent-NAME: the same run into benchmarks/soak/agent-NAME (a later run beside the first).
+    agent|agent-*) soak --duration 30m --concurrency 8 --workload agent --report "$out/$1" \
              --max-drift 0.05 ;;
     # Both at once, so they share the machine alike: a fair side by side. One torch thread
     # each: two engines of two OpenMP threads on 2 cores spin against each other (TPOT p99
