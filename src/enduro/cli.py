@@ -116,13 +116,26 @@ def bench_offline(
     baseline: Annotated[
         bool, typer.Option("--baseline/--no-baseline", help="Also run transformers.")
     ] = True,
+    quantization: Annotated[
+        str, typer.Option("--quantization", help="The engine's --quantization.")
+    ] = "none",
+    compile: Annotated[
+        bool, typer.Option("--compile/--no-compile", help="The engine's --compile.")
+    ] = False,
 ) -> None:
     """Decode tokens/s of the engine alone, next to transformers `generate` in the same run."""
     from enduro.bench.offline import run_offline_benchmark
 
     with load_progress() as report:
         table = run_offline_benchmark(
-            model, dtype, max_tokens, concurrency or [1, 16], baseline, report
+            model,
+            dtype,
+            max_tokens,
+            concurrency or [1, 16],
+            baseline,
+            report,
+            quantization=quantization,
+            compile=compile,
         )
     Console().print(table)
 

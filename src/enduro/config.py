@@ -37,6 +37,11 @@ class ModelConfig:
     when several engines share a machine: OpenMP threads that outnumber the cores spin
     against each other."""
 
+    compile: bool = False
+    """Compile the elementwise stretches of each decoder layer (norms, rotary embedding,
+    activation, residual adds) with torch.compile: fewer, fused kernels a step, at the cost of
+    a C++ compiler at start-up (tens of seconds the first time, cached on disk after)."""
+
     def __post_init__(self) -> None:
         if self.threads is not None and self.threads < 1:
             raise ValueError("threads must be >= 1")

@@ -85,12 +85,27 @@ def run_offline_benchmark(
     concurrency: list[int],
     baseline: bool,
     progress: Callable[[str, int, int], None] | None = None,
+    quantization: str = "none",
+    compile: bool = False,
 ) -> Table:
-    llm = LLM(model, progress=progress, dtype=dtype, max_num_seqs=max(concurrency))
-    llm.generate(workload(2), SamplingParams(max_tokens=4, ignore_eos=True))  # warm-up
+    llm = LLM(
+        model,
+        progress=progress,
+        dtype=dtype,
+        max_num_seqs=max(concurrency),
+        quantization=quantization,
+        compile=compile,
+    )
+    # Warm-up: one stream and two (with --compile: the one-token step and the dynamic graph
+    # for the others are compiled here, not in the timed runs).
+    for count in (1, 2):
+        llm.generate(workload(count), SamplingParams(max_tokens=4, ignore_eos=True))
     hf_model = build_transformers_model(llm) if baseline else None
     table = Table(
-        title=f"decode tokens/s, {max_tokens} new tokens per request, {llm.engine.runner.dtype}"
+        title=(
+            f"decode tokens/s, {max_tokens} new tokens per request, {llm.engine.runner.dtype}"
+            f", quantization {quantization}{', compiled' if compile else ''}"
+        )
     )
     for column in ("concurrency", "enduro", "transformers", "ratio"):
         table.add_column(column, justify="right")

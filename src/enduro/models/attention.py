@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from enduro.models import fused
 from enduro.models.attention_metadata import AttentionMetadata
 from enduro.models.layers import Linear, MergedLinear, RMSNorm
-from enduro.models.rotary import apply_rotary
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
 
@@ -87,6 +87,7 @@ class Attention(nn.Module):
         self.scale = scale
         self.sliding_window = sliding_window
         self.rope_interleaved = rope_interleaved
+        self.norm_eps, self.norm_unit_offset = norm_eps, norm_unit_offset
         q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
         # Kept here rather than read from qkv_proj, which quantization may replace.
         self.qkv_sizes = (q_size, kv_size, kv_size)
@@ -103,15 +104,18 @@ class Attention(nn.Module):
         kv_cache: KVCache,
     ) -> torch.Tensor:
         # x: [T, hidden]; rope: cos, sin [T, rotary_dim / 2] at each token's position
-        num_tokens = x.shape[0]
-        q, k, v = self.qkv_proj(x).split(self.qkv_sizes, dim=-1)
-        q = q.view(num_tokens, self.num_heads, self.head_dim)
-        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
-        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None and self.k_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = rope
-        q = apply_rotary(q, cos, sin, self.rope_interleaved)
-        k = apply_rotary(k, cos, sin, self.rope_interleaved)
+        q, k, v = fused.ops.qk_norm_rotary(
+            self.qkv_proj(x),
+            self.qkv_sizes,
+            self.head_dim,
+            cos,
+            sin,
+            self.q_norm.weight if self.q_norm is not None else None,
+            self.k_norm.weight if self.k_norm is not None else None,
+            self.norm_eps,
+            self.norm_unit_offset,
+            self.rope_interleaved,
+        )
         out = paged_attention(q, k, v, kv_cache, attn, self.sliding_window, self.scale)
         return self.o_proj(out)

@@ -8,6 +8,7 @@
 import torch
 from torch import nn
 
+from enduro.models import fused
 from enduro.models.arch_config import ArchConfig
 from enduro.models.attention import Attention, KVCache
 from enduro.models.attention_metadata import AttentionMetadata
@@ -53,8 +54,15 @@ class PreNormDecoderLayer(nn.Module):
     def forward(
         self, x: torch.Tensor, rope: Rope, attn: AttentionMetadata, kv_cache: KVCache
     ) -> torch.Tensor:
-        h = x + self.self_attn(self.input_norm(x), rope, attn, kv_cache)
-        return h + self.mlp(self.mlp_norm(h))
+        norm = self.mlp_norm
+        h, normed = fused.ops.add_rms_norm(
+            x,
+            self.self_attn(self.input_norm(x), rope, attn, kv_cache),
+            norm.weight,
+            norm.eps,
+            norm.unit_offset,
+        )
+        return h + self.mlp(normed)
 
 
 class SandwichNormDecoderLayer(nn.Module):
@@ -70,5 +78,17 @@ class SandwichNormDecoderLayer(nn.Module):
     def forward(
         self, x: torch.Tensor, rope: Rope, attn: AttentionMetadata, kv_cache: KVCache
     ) -> torch.Tensor:
-        h = x + self.post_attn_norm(self.self_attn(self.input_norm(x), rope, attn, kv_cache))
-        return h + self.post_mlp_norm(self.mlp(self.pre_mlp_norm(h)))
+        # One fused call per stretch between matmuls: norm the attention's output, add it
+        # back, norm again for the MLP; then norm the MLP's output and add it back.
+        post_attn, pre_mlp, post_mlp = self.post_attn_norm, self.pre_mlp_norm, self.post_mlp_norm
+        h, normed = fused.ops.add_normed_then_norm(
+            x,
+            self.self_attn(self.input_norm(x), rope, attn, kv_cache),
+            post_attn.weight,
+            pre_mlp.weight,
+            post_attn.eps,
+            post_attn.unit_offset,
+        )
+        return fused.ops.add_normed(
+            h, self.mlp(normed), post_mlp.weight, post_mlp.eps, post_mlp.unit_offset
+        )

@@ -1,26 +1,16 @@
 """Layers shared by every architecture: RMSNorm, fused linear projections, the gated MLP."""
 
-from collections.abc import Callable, Sequence
-from functools import partial
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "silu": F.silu,
-    "gelu": F.gelu,
-    "gelu_pytorch_tanh": partial(F.gelu, approximate="tanh"),
-}
+from enduro.models import fused
 
 
 class RMSNorm(nn.Module):
-    """x / rms(x) * w, normalised in float32.
-
-    `unit_offset` is Gemma's convention: the checkpoint stores w - 1, and the scaling by
-    (1 + w) happens in float32 before the cast back. Otherwise (Llama) the normalised value is
-    cast back first and then scaled by w in the model dtype.
-    """
+    """x / rms(x) * w, normalised in float32 (`fused.rms_norm` says how each model scales)."""
 
     def __init__(self, dim: int, eps: float, unit_offset: bool = False) -> None:
         super().__init__()
@@ -29,11 +19,7 @@ class RMSNorm(nn.Module):
         self.unit_offset = unit_offset
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        if self.unit_offset:
-            return (normed * (1.0 + self.weight.float())).to(x.dtype)
-        return self.weight * normed.to(x.dtype)
+        return fused.ops.rms_norm(x, self.weight, self.eps, self.unit_offset)
 
 
 # Row counts up to this are used as they are (decode batches); above, rounded up.
@@ -134,8 +120,9 @@ class GatedMLP(nn.Module):
         super().__init__()
         self.gate_up_proj = MergedLinear(hidden_size, (intermediate_size,) * 2, bias=bias)
         self.down_proj = Linear(intermediate_size, hidden_size, bias=bias)
-        self.act = ACTIVATIONS[act]
+        if act not in fused.ACTIVATIONS:
+            raise ValueError(f"unknown activation {act!r}")
+        self.act = act
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(self.act(gate) * up)
+        return self.down_proj(fused.ops.act_and_mul(self.gate_up_proj(x), self.act))

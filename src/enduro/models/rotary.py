@@ -1,4 +1,4 @@
-"""Rotary position embedding: frequencies per position, and the rotation applied to q and k."""
+"""Rotary position embedding: cos and sin per position (`fused.apply_rotary` rotates q and k)."""
 
 import math
 
@@ -47,31 +47,6 @@ class RotaryEmbedding(nn.Module):
         # positions: [T] → cos, sin: [T, rotary_dim / 2]
         freqs = positions[:, None].float() * self.inv_freq
         return freqs.cos(), freqs.sin()
-
-
-def apply_rotary(
-    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool
-) -> torch.Tensor:
-    """Rotate the first rotary_dim dims of every head of x; the rest pass through.
-
-    x: [T, H, D]; cos, sin: [T, rotary_dim / 2]. Pair i is (i, i + rotary_dim / 2) in neox
-    style and (2i, 2i + 1) when interleaved (GLM-4); both turn by position * inv_freq[i].
-    """
-    rotary_dim = 2 * cos.shape[-1]
-    x_rot, x_pass = x[..., :rotary_dim], x[..., rotary_dim:]
-    cos = cos[:, None, :].to(x.dtype)  # [T, 1, rotary_dim / 2]
-    sin = sin[:, None, :].to(x.dtype)
-    if interleaved:
-        x1, x2 = x_rot[..., 0::2], x_rot[..., 1::2]
-    else:
-        x1, x2 = x_rot.chunk(2, dim=-1)
-    out1 = x1 * cos - x2 * sin
-    out2 = x2 * cos + x1 * sin
-    if interleaved:
-        rotated = torch.stack((out1, out2), dim=-1).flatten(-2)
-    else:
-        rotated = torch.cat((out1, out2), dim=-1)
-    return torch.cat((rotated, x_pass), dim=-1)
 
 
 def llama3_inv_freq(inv_freq: torch.Tensor, scaling: Llama3Scaling) -> torch.Tensor:

@@ -182,5 +182,7 @@ def malloc_stats() -> MallocStats | None:
         return None
     info = mallinfo2()
     # uordblks: in use in the arenas; hblkhd: blocks mmapped on their own (large ones);
-    # fordblks: free chunks the arenas keep.
+    # fordblks: free chunks the arenas keep, an upper bound of what is resident (glibc hands
+    # the pages of some large free chunks back while keeping the chunk, and an untouched top
+    # chunk has none).
     return MallocStats("glibc", info.uordblks + info.hblkhd, info.fordblks)

@@ -10,6 +10,7 @@ import torch
 from enduro.config import EngineConfig
 from enduro.core.scheduler import SchedulerOutput
 from enduro.loading.loader import ModelFiles, open_model
+from enduro.models import fused
 from enduro.models.arch_config import ArchConfig
 from enduro.models.quantization import quantize_model
 from enduro.models.registry import build_model
@@ -47,6 +48,9 @@ class ModelRunner:
         if config.model.threads is not None:
             torch.set_num_threads(config.model.threads)
         self.device = torch.device(config.model.device)
+        # Compiled on first use: the engine's warm-up steps (engine/warmup.py) run every
+        # stretch at the step sizes it will see, so no request waits for the C++ compiler.
+        fused.use_compiled(config.model.compile)
         self.dtype = resolve_dtype(config.model.dtype)
         started = time.monotonic()
         cache_dir = Path(config.model.cache_dir) if config.model.cache_dir else None

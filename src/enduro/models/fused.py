@@ -1,0 +1,172 @@
+"""The elementwise stretches of a decoder layer, as functions that run eagerly or compiled.
+
+Between its matmuls and its attention a decoder layer runs ≈90 small tensor ops (norms in
+float32, the rotary embedding, the gated activation, residual adds). With a handful of
+tokens a step each op costs more in dispatch and Python than in arithmetic: on the default
+model they are ≈25 ms of a 70 ms one-stream step (benchmarks/README.md). `use_compiled(True)`
+(`--compile`) swaps in `torch.compile`d versions, so each stretch is one generated kernel
+instead of a dozen ops. The matmuls (bucketed for oneDNN, or quantized) and the paged
+attention stay eager: they are already single kernels, and their shapes would multiply the
+graphs to compile.
+
+One switch for the process, not one per model: an engine process runs one model, and the
+compiled functions are shared by every layer (the weights are arguments, not captured), so
+each is compiled once for all 18 layers. The eager versions are the reference: compiled
+ones compute in float32 internally and round once, so they agree to rounding, not bit for
+bit.
+"""
+
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "silu": F.silu,
+    "gelu": F.gelu,
+    "gelu_pytorch_tanh": partial(F.gelu, approximate="tanh"),
+}
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, unit_offset: bool) -> torch.Tensor:
+    """x / rms(x) * w, normalised in float32.
+
+    `unit_offset` is Gemma's convention: the checkpoint stores w - 1, and the scaling by
+    (1 + w) happens in float32 before the cast back. Otherwise (Llama) the normalised value is
+    cast back first and then scaled by w in the model dtype.
+    """
+    x32 = x.float()
+    normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    if unit_offset:
+        return (normed * (1.0 + weight.float())).to(x.dtype)
+    return weight * normed.to(x.dtype)
+
+
+def add_rms_norm(
+    residual: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: float, unit_offset: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h, norm(h)) with h = residual + x: a pre-norm layer's residual add and the next norm."""
+    h = residual + x
+    return h, rms_norm(h, weight, eps, unit_offset)
+
+
+def add_normed(
+    residual: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: float, unit_offset: bool
+) -> torch.Tensor:
+    """residual + norm(x): a sandwich-norm layer's normalised sublayer output added back."""
+    return residual + rms_norm(x, weight, eps, unit_offset)
+
+
+def add_normed_then_norm(
+    residual: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    next_weight: torch.Tensor,
+    eps: float,
+    unit_offset: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h, norm'(h)) with h = residual + norm(x): between a sandwich layer's attention and MLP."""
+    h = residual + rms_norm(x, weight, eps, unit_offset)
+    return h, rms_norm(h, next_weight, eps, unit_offset)
+
+
+def apply_rotary(
+    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool
+) -> torch.Tensor:
+    """Rotate the first rotary_dim dims of every head of x; the rest pass through.
+
+    x: [T, H, D]; cos, sin: [T, rotary_dim / 2]. Pair i is (i, i + rotary_dim / 2) in neox
+    style and (2i, 2i + 1) when interleaved (GLM-4); both turn by position * inv_freq[i].
+    """
+    rotary_dim = 2 * cos.shape[-1]
+    x_rot, x_pass = x[..., :rotary_dim], x[..., rotary_dim:]
+    cos = cos[:, None, :].to(x.dtype)  # [T, 1, rotary_dim / 2]
+    sin = sin[:, None, :].to(x.dtype)
+    if interleaved:
+        x1, x2 = x_rot[..., 0::2], x_rot[..., 1::2]
+    else:
+        x1, x2 = x_rot.chunk(2, dim=-1)
+    out1 = x1 * cos - x2 * sin
+    out2 = x2 * cos + x1 * sin
+    if interleaved:
+        rotated = torch.stack((out1, out2), dim=-1).flatten(-2)
+    else:
+        rotated = torch.cat((out1, out2), dim=-1)
+    return torch.cat((rotated, x_pass), dim=-1)
+
+
+def qk_norm_rotary(
+    qkv: torch.Tensor,
+    sizes: tuple[int, int, int],
+    head_dim: int,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    q_norm: torch.Tensor | None,
+    k_norm: torch.Tensor | None,
+    eps: float,
+    unit_offset: bool,
+    interleaved: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The fused q|k|v projection's output → q [T, Hq, D], k, v [T, Hkv, D]: split, per-head
+    norms of q and k when the model has them, then the rotary embedding of q and k."""
+    num_tokens = qkv.shape[0]
+    q, k, v = qkv.split(sizes, dim=-1)
+    q = q.view(num_tokens, sizes[0] // head_dim, head_dim)
+    k = k.view(num_tokens, sizes[1] // head_dim, head_dim)
+    v = v.view(num_tokens, sizes[2] // head_dim, head_dim)
+    if q_norm is not None and k_norm is not None:
+        q, k = rms_norm(q, q_norm, eps, unit_offset), rms_norm(k, k_norm, eps, unit_offset)
+    q = apply_rotary(q, cos, sin, interleaved)
+    k = apply_rotary(k, cos, sin, interleaved)
+    return q, k, v
+
+
+def act_and_mul(gate_up: torch.Tensor, act: str) -> torch.Tensor:
+    """act(gate) * up, from the fused gate|up projection's output."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return ACTIVATIONS[act](gate) * up
+
+
+class FusedOps:
+    """The functions above, as the layers call them: `ops.rms_norm(...)` and so on."""
+
+    def __init__(self, compiled: bool) -> None:
+        self.compiled = compiled
+        wrap: Callable[[Any], Any] = _compile if compiled else (lambda fn: fn)
+        self.rms_norm = wrap(rms_norm)
+        self.add_rms_norm = wrap(add_rms_norm)
+        self.add_normed = wrap(add_normed)
+        self.add_normed_then_norm = wrap(add_normed_then_norm)
+        self.qk_norm_rotary = wrap(qk_norm_rotary)
+        self.act_and_mul = wrap(act_and_mul)
+
+
+def _compile(fn: Callable[..., Any]) -> Callable[..., Any]:
+    # Automatic dynamic shapes: the first call compiles for its token count, the first call
+    # with another count recompiles with the count symbolic, and that graph serves every count
+    # but 1, which dynamo specialises (the one-stream decode step: worth its own kernel). The
+    # ints and flags stay constants. Not fullgraph: past dynamo's recompile limit a fullgraph
+    # function raises, where this one falls back to eager; tests/models/test_fused.py checks
+    # that the functions compile whole.
+    return torch.compile(fn)
+
+
+EAGER = FusedOps(compiled=False)
+ops = EAGER
+
+
+def use_compiled(enabled: bool) -> None:
+    """Make the layers call compiled (True) or eager (False) versions from now on. The
+    compiled set is built once per process, so switching back and forth compiles nothing new."""
+    global ops, _compiled_ops
+    if not enabled:
+        ops = EAGER
+        return
+    if _compiled_ops is None:
+        _compiled_ops = FusedOps(compiled=True)
+    ops = _compiled_ops
+
+
+_compiled_ops: FusedOps | None = None
