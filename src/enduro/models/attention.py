@@ -48,11 +48,18 @@ def paged_attention(
     tables = attn.block_tables[sliding_window]
     keys = k_cache[tables].flatten(1, 2).transpose(1, 2)
     values = v_cache[tables].flatten(1, 2).transpose(1, 2)
+    mask = attn.masks[sliding_window]  # [R, 1, max_query_len, S], True = may attend
+    if max_query_len == 1:
+        # A pure decode step: one token per request, already in request order, so there is
+        # nothing to pad: [T = R, Hq, D] → [R, Hq, 1, D] and back are views.
+        out = F.scaled_dot_product_attention(
+            q.unsqueeze(2), keys, values, attn_mask=mask, scale=scale, enable_gqa=True
+        )
+        return out.reshape(num_requests, num_heads * head_dim)
     # [T, Hq, D] → [R, Hq, max_query_len, D]; padding rows stay zero.
     q_padded = q.new_zeros(num_requests * max_query_len, num_heads, head_dim)
     q_padded[attn.padded_index] = q
     q_padded = q_padded.view(num_requests, max_query_len, num_heads, head_dim).transpose(1, 2)
-    mask = attn.masks[sliding_window]  # [R, 1, max_query_len, S], True = may attend
     out = F.scaled_dot_product_attention(
         q_padded, keys, values, attn_mask=mask, scale=scale, enable_gqa=True
     )  # [R, Hq, max_query_len, D]
