@@ -6,7 +6,8 @@ sees many query lengths and key lengths, as continuous batching produces them.
 
 Runs the same number of calls three times in one process: query and key lengths drawn
 freely (query 1..512, keys a multiple of 16 up to 4,096), then the query length padded to
-`models.layers.row_bucket`, then both fixed; prints RssAnon + VmSwap after each phase.
+`models.layers.row_bucket`, then both fixed; prints RssAnon + VmSwap after each phase, and
+what malloc's callers hold against what malloc keeps (`process_memory.malloc_stats`).
 """
 
 import argparse
@@ -17,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from enduro.models.layers import row_bucket
-from enduro.observability.process_memory import anon_memory_bytes
+from enduro.observability.process_memory import anon_memory_bytes, malloc_stats
 
 MIB = 1 << 20
 HEADS, KV_HEADS, HEAD_DIM = 4, 1, 256  # Gemma 3 270M
@@ -29,6 +30,17 @@ def attend(query_len: int, key_len: int) -> None:
     v = torch.randn_like(k)
     mask = torch.ones(2, 1, query_len, key_len, dtype=torch.bool).tril(key_len - query_len)
     F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+
+
+def _malloc() -> str:
+    """What malloc's callers hold and what malloc keeps besides (live vs retained)."""
+    stats = malloc_stats()
+    if stats is None:
+        return "unreadable"
+    return (
+        f"{stats.allocator} allocated {stats.allocated_bytes / MIB:.0f} MiB, "
+        f"held {stats.held_bytes / MIB:.0f} MiB"
+    )
 
 
 def main() -> int:
@@ -43,7 +55,7 @@ def main() -> int:
         "query length bucketed": [(row_bucket(q), s) for q, s in shapes],
         "both fixed": [(512, 4096)] * args.calls,
     }
-    print(f"start: {(anon_memory_bytes() or 0) / MIB:.0f} MiB")
+    print(f"start: {(anon_memory_bytes() or 0) / MIB:.0f} MiB; malloc: {_malloc()}")
     with torch.inference_mode():
         for name, phase in phases.items():
             before = anon_memory_bytes() or 0
@@ -51,6 +63,7 @@ def main() -> int:
                 attend(query_len, key_len)
             after = anon_memory_bytes() or 0
             print(f"{name}: {len(set(phase))} shapes, {before / MIB:.0f} → {after / MIB:.0f} MiB")
+            print(f"  malloc: {_malloc()}")
     return 0
 
 

@@ -24,6 +24,8 @@ class AttentionMetadata:
     query_start_loc: torch.Tensor
     # [T] index of each flat token in the padded [R * max_query_len] layout attention uses.
     padded_index: torch.Tensor
+    # The longest query of the step rounded up to a `layers.row_bucket`: the padded layout's
+    # query length (1 exactly when every request adds one token).
     max_query_len: int
     # Boolean masks [R, 1, max_query_len, num_blocks * block_size] over the keys of the same
     # window's block tables, True = may attend, keyed by sliding window (None = full causal).

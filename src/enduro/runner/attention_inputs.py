@@ -5,6 +5,7 @@ from collections.abc import Iterable, Sequence
 import torch
 
 from enduro.models.attention_metadata import AttentionMetadata
+from enduro.models.layers import row_bucket
 
 
 def build_attention_metadata(
@@ -23,7 +24,11 @@ def build_attention_metadata(
     window layer reads about `window` keys per request however long the context is.
     """
     num_requests = len(query_lens)
-    max_query_len = max(query_lens)
+    # The padded query length is rounded up like a matmul's rows: the CPU attention kernel
+    # keeps a compiled micro-kernel for every query length (tail) it sees, live memory that
+    # grew by tens of MiB over a soak as prefill chunks of new lengths came in
+    # (benchmarks/README.md, "Memory"). Padding rows are masked and cost little.
+    max_query_len = row_bucket(max(query_lens))
     max_num_blocks = max(len(table) for table in block_tables)
     positions = torch.cat(
         [
