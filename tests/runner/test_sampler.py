@@ -1,8 +1,10 @@
 import math
+from typing import Any
 
 import pytest
 import torch
 
+from enduro.runner import sampler as sampler_module
 from enduro.runner.sampler import (
     RequestState,
     Sampler,
@@ -73,6 +75,76 @@ def test_top_k_top_p_min_p_masks() -> None:
     assert kept(SamplingParams(top_p=0.45)) == [0]
     assert kept(SamplingParams(min_p=0.2)) == [0, 1, 2]  # 0.05 < 0.2 * 0.5
     assert kept(SamplingParams()) == [0, 1, 2, 3]
+
+
+def test_candidate_filtering_equals_the_full_sort(monkeypatch: pytest.MonkeyPatch) -> None:
+    # 24 candidates out of 300 tokens; rows whose kept set reaches past them (a flat row with
+    # top-p 0.99, min-p with a long tail) take the full sort, the others the candidates. The
+    # result must be the same tokens with the same logits either way.
+    monkeypatch.setattr(sampler_module, "CANDIDATES", 24)
+    generator = torch.Generator().manual_seed(5)
+    peaked = torch.randn(6, 300, generator=generator) * 4
+    flat = torch.randn(2, 300, generator=generator) * 0.1
+    logits = torch.cat([peaked, flat])
+    sampler = Sampler(seed=0, device=torch.device("cpu"))
+    settings = [
+        SamplingParams(top_p=0.9),
+        SamplingParams(top_p=0.5, top_k=40),  # top-k above the candidates: they widen to 40
+        SamplingParams(min_p=0.05),
+        SamplingParams(top_k=7),
+        SamplingParams(top_p=0.8, min_p=0.1),
+        SamplingParams(),
+    ]
+    calls = {"sort": 0}
+    real_sort = torch.Tensor.sort
+
+    def counting_sort(self: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("descending"):  # sorting logits (the candidates' ids sort ascending)
+            calls["sort"] += 1
+        return real_sort(self, *args, **kwargs)
+
+    def full_sort_result(rows: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+        with monkeypatch.context() as m:
+            m.setattr(sampler_module, "CANDIDATES", 10_000)  # never fewer than the vocabulary
+            return apply_top_k_top_p_min_p(rows, _states(sampler, *params))
+
+    monkeypatch.setattr(torch.Tensor, "sort", counting_sort)
+    for params in settings:
+        batch = [params] * 6
+        got = apply_top_k_top_p_min_p(peaked, _states(sampler, *batch))
+        expected = full_sort_result(peaked, batch)
+        assert torch.equal(got, expected), params
+    # Only the reference sorted (once per setting with a filter; no filter returns at once):
+    # peaked rows keep fewer tokens than their candidates, so they never fell back.
+    assert calls["sort"] == len(settings) - 1
+    # A flat row with top-p 0.99 needs nearly the whole vocabulary: the full sort.
+    calls["sort"] = 0
+    flat_params = [SamplingParams(top_p=0.99)] * 8
+    got = apply_top_k_top_p_min_p(logits, _states(sampler, *flat_params))
+    assert calls["sort"] == 1
+    assert torch.equal(got, full_sort_result(logits, flat_params))
+    kept_flat = (got[6:] != float("-inf")).sum(dim=-1)
+    assert bool((kept_flat > 250).all())
+
+
+def test_a_seeded_draw_does_not_depend_on_the_filter_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Alone, the peaked row is filtered among its candidates; next to a flat top-p 0.99 row
+    # the whole batch takes the full sort. A seeded request must draw the same token.
+    monkeypatch.setattr(sampler_module, "CANDIDATES", 24)
+    generator = torch.Generator().manual_seed(9)
+    peaked = torch.randn(1, 300, generator=generator) * 5
+    flat = torch.randn(1, 300, generator=generator) * 0.1
+    sampler = Sampler(seed=0, device=torch.device("cpu"))
+    drawn_alone, drawn_together = [], []
+    for seed in range(60):
+        nucleus = SamplingParams(top_p=0.95, seed=seed)
+        alone = sampler.sample(peaked, _states(sampler, nucleus))[0]
+        pair = _states(sampler, nucleus, SamplingParams(top_p=0.99, seed=1))
+        together = sampler.sample(torch.cat([peaked, flat]), pair)[0]
+        drawn_alone.append(alone[0])
+        drawn_together.append(together[0])
+    assert drawn_alone == drawn_together
+    assert len(set(drawn_alone)) > 3  # a real draw, not one token every time
 
 
 def test_penalties() -> None:
