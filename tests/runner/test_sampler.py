@@ -10,6 +10,7 @@ from enduro.runner.sampler import (
     Sampler,
     apply_penalties,
     apply_top_k_top_p_min_p,
+    inverse_cdf_draw,
     token_logprobs,
 )
 from enduro.sampling_params import SamplingParams
@@ -60,6 +61,32 @@ def test_random_samples_follow_the_distribution_and_skip_masked_tokens() -> None
     # top_k=1 leaves one token, however the uniform falls.
     top1 = _states(sampler, *[SamplingParams(temperature=1.0, top_k=1)] * 50)
     assert sampler.sample(logits[:50], top1)[0] == [0] * 50
+
+
+def test_inverse_cdf_draw_matches_a_whole_row_cumulative_sum() -> None:
+    # 1,300 columns: two full blocks of 512 and a padded one; a third of them zero.
+    generator = torch.Generator().manual_seed(2)
+    probs = torch.rand(8, 1300, generator=generator)
+    probs[torch.rand(8, 1300, generator=generator) < 0.33] = 0.0
+    probs /= probs.sum(dim=-1, keepdim=True)
+    cdf = probs.double().cumsum(dim=-1)
+    for _ in range(50):
+        uniforms = torch.rand(8, generator=generator, dtype=torch.float64)
+        expected = torch.searchsorted(cdf, (uniforms * cdf[:, -1]).unsqueeze(1), right=True)
+        assert torch.equal(inverse_cdf_draw(probs, uniforms), expected.view(-1))
+
+
+def test_inverse_cdf_draw_never_lands_on_zero_mass() -> None:
+    # Mass only in columns 3 and 700; the last block is all zero.
+    probs = torch.zeros(3, 1300)
+    probs[:, 3], probs[:, 700] = 0.25, 0.75
+    lowest = torch.tensor([0.0, 0.0, 0.0], dtype=torch.float64)
+    assert inverse_cdf_draw(probs, lowest).tolist() == [3, 3, 3]
+    # u just under 1 (and u * total rounding up to the total) must still pick column 700.
+    highest = torch.tensor([1 - 2**-53, 0.999999, 1.0], dtype=torch.float64)
+    assert inverse_cdf_draw(probs, highest).tolist() == [700, 700, 700]
+    middle = torch.tensor([0.2499, 0.2501, 0.9], dtype=torch.float64)
+    assert inverse_cdf_draw(probs, middle).tolist() == [3, 700, 700]
 
 
 def test_top_k_top_p_min_p_masks() -> None:

@@ -45,9 +45,15 @@ class Sampler:
             raw_logprobs = torch.log_softmax(logits, dim=-1)
         if any(s.params.has_penalties for s in states):
             logits = apply_penalties(logits, states)
-        tokens = logits.argmax(dim=-1)
         random_rows = [i for i, s in enumerate(states) if not s.params.greedy]
-        if random_rows:
+        # Each of these passes reads the whole [R, 262k] logits: skip what the batch does not
+        # need (an all-sampled batch takes no argmax and no row copy).
+        if not random_rows:
+            tokens = logits.argmax(dim=-1)
+        elif len(random_rows) == len(states):
+            tokens = self._sample_random(logits, states)
+        else:
+            tokens = logits.argmax(dim=-1)
             rows = torch.tensor(random_rows, device=logits.device)
             chosen = [states[i] for i in random_rows]
             tokens[rows] = self._sample_random(logits[rows], chosen)
@@ -65,14 +71,8 @@ class Sampler:
         temperatures = torch.tensor([s.params.temperature for s in states], device=logits.device)
         logits = logits / temperatures.unsqueeze(1)
         logits, token_ids = filter_top_k_top_p_min_p(logits, states)
-        # Inverse CDF: one uniform draw u per row picks the first token whose cumulative
-        # probability exceeds u * total. Drawing each row's u from its own generator keeps a
-        # seeded request's tokens independent of whatever else is in the batch. (An
-        # exponential race, argmax p / E, needs a draw per vocabulary entry: 9 ms a row for
-        # Gemma 3's 262k tokens, 150 ms of a 16-row step.) float64 sums keep the cumulative
-        # probabilities exact enough that u * total < total, and `right=True` never lands on
-        # a zero-probability token: cdf[i] > x >= cdf[i - 1] means p[i] > 0.
-        cdf = torch.softmax(logits, dim=-1).double().cumsum_(dim=-1)
+        # One uniform per row, from the row's own generator: a seeded request's tokens do not
+        # depend on whatever else is in the batch.
         uniforms = torch.cat(
             [
                 torch.rand(
@@ -84,11 +84,52 @@ class Sampler:
                 for state in states
             ]
         )
-        targets = (uniforms * cdf[:, -1]).unsqueeze(1)
-        columns = torch.searchsorted(cdf, targets, right=True)
-        columns.clamp_(max=logits.shape[1] - 1)  # u * total rounded up to total: 2^-53
-        tokens = columns if token_ids is None else token_ids.gather(1, columns)
-        return tokens.squeeze(1)
+        columns = inverse_cdf_draw(torch.softmax(logits, dim=-1), uniforms)
+        tokens = columns if token_ids is None else token_ids.gather(1, columns.unsqueeze(1))
+        return tokens.view(-1)
+
+
+# Width of the blocks `inverse_cdf_draw` sums first.
+DRAW_BLOCK = 512
+
+
+def inverse_cdf_draw(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """For each row of probs [R, N], the first column whose cumulative probability exceeds
+    uniforms[r] * the row's total; never a column of probability 0. Returns [R].
+
+    (An exponential race, argmax p / E, needs a random draw per column: 9 ms a row for Gemma
+    3's 262k tokens. A float64 cumulative sum of the whole row costs a conversion and a
+    sequential pass over it.) In two levels instead: sums of DRAW_BLOCK-wide blocks locate the
+    block, a cumulative sum inside it the column, in float64 so that u * total stays below
+    total. `right=True` lands on a block or column whose own mass is positive (cdf[i] > x >=
+    cdf[i - 1]); where rounding puts the target past the last one, it is clamped to the last
+    block and column that hold mass.
+    """
+    num_rows, width = probs.shape
+    num_blocks = -(-width // DRAW_BLOCK)
+    padded = probs
+    if num_blocks * DRAW_BLOCK != width:
+        padded = torch.nn.functional.pad(probs, (0, num_blocks * DRAW_BLOCK - width))
+    blocks = padded.view(num_rows, num_blocks, DRAW_BLOCK)
+    block_mass = blocks.sum(dim=-1, dtype=torch.float64)  # [R, num_blocks]
+    block_cdf = block_mass.cumsum(dim=-1)
+    targets = (uniforms * block_cdf[:, -1]).unsqueeze(1)
+    block = torch.searchsorted(block_cdf, targets, right=True)
+    block = torch.minimum(block, _last_positive(block_mass))
+    before = torch.where(
+        block > 0, block_cdf.gather(1, (block - 1).clamp(min=0)), torch.zeros_like(targets)
+    )
+    rows = torch.arange(num_rows, device=probs.device)
+    inside = blocks[rows, block.view(-1)].double()  # [R, DRAW_BLOCK]
+    column = torch.searchsorted(inside.cumsum(dim=-1), targets - before, right=True)
+    column = torch.minimum(column, _last_positive(inside))
+    return (block * DRAW_BLOCK + column).view(-1)
+
+
+def _last_positive(values: torch.Tensor) -> torch.Tensor:
+    """[R, 1] index of the last positive entry of each row of values [R, N] (0 if none)."""
+    positions = torch.arange(values.shape[1], device=values.device)
+    return torch.where(values > 0, positions, 0).amax(dim=-1, keepdim=True)
 
 
 def apply_penalties(logits: torch.Tensor, states: list[RequestState]) -> torch.Tensor:
@@ -148,9 +189,8 @@ def filter_top_k_top_p_min_p(
     num_candidates = max(CANDIDATES, *(p.top_k for p in params))
     if num_candidates < vocab_size:
         values, order = logits.topk(num_candidates, dim=-1)  # sorted, highest first
-        # The candidates' probabilities under the whole row's softmax: exp(x - max) / sum.
-        total = (logits - values[:, :1]).exp_().sum(dim=-1, keepdim=True)
-        probs = (values - values[:, :1]).exp_() / total
+        # The candidates' probabilities under the whole row's softmax (one fused pass).
+        probs = torch.softmax(logits, dim=-1).gather(1, order)
         if bool(_kept_among_candidates(probs, params).all()):
             kept = _filter_sorted(values, params, probs.sum(dim=-1, keepdim=True))
             # Columns back in token-id order, as over the whole vocabulary: an inverse-CDF
