@@ -357,6 +357,7 @@ class StubCore:
         self.num_tokens: dict[str, int] = {}
         self.fail = fail
         self.kv_cache_bytes = 16 * 4096
+        self.kv_host_reserved_bytes = 64 * 4096
         self.kv_cache_manager = self.scheduler.kv_cache_manager
         self.num_compaction_moves = 0
         self.faults = Faults()

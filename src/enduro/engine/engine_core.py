@@ -73,6 +73,11 @@ class EngineCore:
             self.kv_cache_manager.block_pool.num_segments * self.runner.kv_cache.bytes_per_segment
         )
 
+    @property
+    def kv_host_reserved_bytes(self) -> int:
+        """Host memory reserved for the KV pool at its maximum (`KVCache.host_reserved_bytes`)."""
+        return self.runner.kv_cache.host_reserved_bytes
+
     def _on_release(self, request: Request) -> None:
         self.faults.on_finished(request, self.kv_cache_manager)
 

@@ -298,7 +298,7 @@ class EngineLoop:
             # The KV pool's reservation is one malloc'd block that counts as allocated whether
             # its pages are committed or not; what changes is everything else.
             malloc_allocated_bytes=(
-                max(malloc.allocated_bytes - self.core.runner.kv_cache.host_reserved_bytes, 0)
+                max(malloc.allocated_bytes - self.core.kv_host_reserved_bytes, 0)
                 if malloc
                 else None
             ),
