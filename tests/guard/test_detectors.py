@@ -1,3 +1,4 @@
+import dataclasses
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -5,6 +6,7 @@ import pytest
 
 from enduro.config import GuardConfig
 from enduro.guard.detectors import (
+    CPU_CONTENTION,
     Detector,
     DriftDetector,
     Finding,
@@ -142,6 +144,44 @@ def test_a_doubled_tpot_is_drift_until_the_baseline_absorbs_it() -> None:
         "tpot_p50 averaged 26.3 ms over the last 30 s, above its 25.0 ms threshold "
         "(baseline 20.0 ± 1.0 ms)."
     )
+
+
+def with_cpu_wait(
+    samples: list[Sample], rate: Callable[[float], float], pid: Callable[[float], int]
+) -> list[Sample]:
+    """The samples with the engine's cumulative run-queue wait growing at rate(t) s per s."""
+    waited, result, last = 0.0, [], 0.0
+    for sample in samples:
+        waited += rate(sample.time) * (sample.time - last)
+        last = sample.time
+        result.append(
+            dataclasses.replace(sample, engine_pid=pid(sample.time), engine_cpu_wait_seconds=waited)
+        )
+    return result
+
+
+def test_a_drift_while_the_engine_waits_for_cpus_is_contention() -> None:
+    slower = tpot_samples(lambda t: 0.02 if t < 700 else 0.04, 800, seed=0)
+    starved = with_cpu_wait(slower, lambda t: 0.03 if t < 700 else 0.9, lambda t: 7)
+    detector = DriftDetector(CONFIG, "tpot_p50")
+    (finding,) = detector.observe(starved[:355], now=708.0)
+    assert finding.details["cause"] == CPU_CONTENTION
+    assert finding.details["baseline_cpu_wait_rate"] == pytest.approx(0.03)
+    # The recent 30 s (678 to 708) hold 10 s of the new rate (the 2 s before each sample
+    # from 700 on) after 20 s of the old.
+    assert finding.details["cpu_wait_rate"] == pytest.approx((20 * 0.03 + 10 * 0.9) / 30)
+    assert finding.message.endswith(
+        "the engine's threads waited 0.32 s per second for a CPU (baseline 0.03): contention "
+        "from outside the server."
+    )
+    # The same slowdown with the engine getting its CPUs: its own problem, no cause given.
+    busy = with_cpu_wait(slower, lambda t: 0.03, lambda t: 7)
+    (own,) = detector.observe(busy[:355], now=708.0)
+    assert "cause" not in own.details and own.details["cpu_wait_rate"] == pytest.approx(0.03)
+    # A new worker's count starts again: no rate across the change, no cause.
+    recycled = with_cpu_wait(slower, lambda t: 0.9, lambda t: 7 if t < 690 else 8)
+    (across,) = detector.observe(recycled[:355], now=708.0)
+    assert "cause" not in across.details
 
 
 def test_noisy_tpot_is_not_drift() -> None:

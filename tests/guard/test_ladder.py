@@ -1,7 +1,7 @@
 from collections.abc import Sequence
 
 from enduro.config import GuardConfig
-from enduro.guard.detectors import Finding
+from enduro.guard.detectors import CPU_CONTENTION, Finding
 from enduro.guard.ladder import RemediationLadder, Remedy
 
 CONFIG = GuardConfig(guard_cooldown=30.0, recycle_interval=300.0)
@@ -104,3 +104,20 @@ def test_broken_invariants_and_stalls_go_straight_to_recycle() -> None:
 def test_unknown_detectors_get_no_action() -> None:
     ladder = RemediationLadder(CONFIG)
     assert ladder.decide([finding("fd_growth", "api")], now=0.0) == []
+
+
+def test_a_drift_from_cpu_contention_is_only_reported() -> None:
+    # Trimming or recycling cannot give the engine CPUs another process holds; the drift
+    # stays an alert, without actions, while the cause lasts.
+    contention = Finding(
+        "latency_drift", None, "warning", "drift", {"cause": CPU_CONTENTION, "cpu_wait_rate": 0.9}
+    )
+    ladder = RemediationLadder(CONFIG)
+    assert run(ladder, [(t, [contention]) for t in (0.0, 40.0, 80.0, 400.0)]) == [
+        (0.0, []),
+        (40.0, []),
+        (80.0, []),
+        (400.0, []),
+    ]
+    # The same drift without the cause climbs the engine's ladder as before.
+    assert run(ladder, [(500.0, [DRIFT])]) == [(500.0, ["trim for latency_drift"])]

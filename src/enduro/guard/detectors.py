@@ -18,6 +18,11 @@ PROCESSES = ("engine", "api")
 LEAK_MIN_POINTS = 10
 DRIFT_MIN_BASELINE = 10
 DRIFT_MIN_RECENT = 3
+# A drift counts as CPU contention when the engine's threads waited this much longer for a
+# CPU per second than in the baseline (a quarter of a core; uncontended, the default model's
+# two threads wait ≈0.03 s per second).
+CONTENTION_WAIT_RATE = 0.25
+CPU_CONTENTION = "cpu_contention"
 SAMPLE_FIELDS = frozenset(f.name for f in fields(Sample))
 
 Details = dict[str, float | int | str | None]
@@ -184,6 +189,21 @@ class DriftDetector:
             "recent_mean": recent_mean,
             "threshold": threshold,
         }
+        baseline_wait = _wait_rate(samples, baseline_start, recent_start)
+        recent_wait = _wait_rate(samples, recent_start, now)
+        if recent_wait is not None:
+            details["cpu_wait_rate"] = recent_wait
+            details["baseline_cpu_wait_rate"] = baseline_wait
+        if (
+            recent_wait is not None
+            and baseline_wait is not None
+            and recent_wait - baseline_wait > CONTENTION_WAIT_RATE
+        ):
+            details["cause"] = CPU_CONTENTION
+            message = message.removesuffix(".") + (
+                f"; the engine's threads waited {recent_wait:.2f} s per second for a CPU "
+                f"(baseline {baseline_wait:.2f}): contention from outside the server."
+            )
         return [Finding("latency_drift", None, "warning", message, details)]
 
     def _values(
@@ -196,6 +216,24 @@ class DriftDetector:
             if value is not None and start <= sample.time and before_end:
                 values.append(float(value))
         return values
+
+
+def _wait_rate(samples: Sequence[Sample], start: float, end: float) -> float | None:
+    """The engine's run-queue wait per second of wall time over [start, end]: from the first
+    to the last reading in it, when both come from the same worker (a new one starts its
+    count again)."""
+    points = [
+        s for s in samples if start <= s.time <= end and s.engine_cpu_wait_seconds is not None
+    ]
+    if len(points) < 2 or points[0].engine_pid != points[-1].engine_pid:
+        return None
+    first, last = points[0], points[-1]
+    assert first.engine_cpu_wait_seconds is not None and last.engine_cpu_wait_seconds is not None
+    if last.time <= first.time:
+        return None
+    return max(last.engine_cpu_wait_seconds - first.engine_cpu_wait_seconds, 0.0) / (
+        last.time - first.time
+    )
 
 
 class InvariantDetector:

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from enduro.config import GuardConfig
-from enduro.guard.detectors import Finding
+from enduro.guard.detectors import CPU_CONTENTION, Finding
 
 TRIM = "trim"
 """Trim the prefix cache, compact the KV pool and release idle segments."""
@@ -51,9 +51,13 @@ LADDERS = {
 
 
 def ladder_for(finding: Finding) -> Ladder | None:
-    """The ladder a problem climbs; None for detectors the guard only reports."""
+    """The ladder a problem climbs; None for problems the guard only reports: detectors it
+    has no remedy for, and a latency drift caused by CPU contention from outside the server
+    (trimming the cache or recycling the worker would only make every request slower)."""
     if finding.detector == "memory_leak" and finding.process == "api":
         return API_LEAK_LADDER
+    if finding.details.get("cause") == CPU_CONTENTION:
+        return None
     return LADDERS.get(finding.detector)
 
 

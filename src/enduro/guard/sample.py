@@ -26,6 +26,9 @@ class Sample:
     """Bytes the engine's malloc keeps beyond that: freed but not yet returned, and metadata."""
     gc_collections: int = 0
     """Garbage collections run in the API process so far, all generations."""
+    engine_cpu_wait_seconds: float | None = None
+    """Run-queue wait of the engine's threads so far (`guard/cpu.py`): its rate is the CPU
+    time per second the engine wanted and did not get."""
     num_fds: int = 0
     """Open file descriptors of the API process."""
     num_threads: int = 0

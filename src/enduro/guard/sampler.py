@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
+from enduro.guard.cpu import cpu_wait_seconds
 from enduro.guard.sample import Sample
 from enduro.guard.stats import percentile
 from enduro.observability.process_memory import anon_memory_bytes, python_heap_bytes
@@ -66,6 +67,7 @@ class GuardSampler:
             engine_python_heap_bytes=stats.python_heap_bytes if stats else None,
             engine_malloc_allocated_bytes=stats.malloc_allocated_bytes if stats else None,
             engine_malloc_held_bytes=stats.malloc_held_bytes if stats else None,
+            engine_cpu_wait_seconds=cpu_wait_seconds(pid) if pid is not None else None,
             gc_collections=sum(generation["collections"] for generation in gc.get_stats()),
             num_fds=_count_fds(),
             num_threads=threading.active_count(),
