@@ -233,19 +233,16 @@ class EngineCollector:
                     memory.add_metric([process], memory_bytes)
                 if heap_bytes is not None:
                     heap.add_metric([process], heap_bytes)
-            api_malloc = malloc_stats()
-            allocated_held = {
-                "api": (
-                    (api_malloc.allocated_bytes, api_malloc.held_bytes) if api_malloc else None
-                ),
-                "engine": (
-                    (stats.malloc_allocated_bytes, stats.malloc_held_bytes) if stats else None
-                ),
+            api = malloc_stats()
+            malloc_readings = {
+                ("api", "allocated"): api.allocated_bytes if api else None,
+                ("api", "held"): api.held_bytes if api else None,
+                ("engine", "allocated"): stats.malloc_allocated_bytes if stats else None,
+                ("engine", "held"): stats.malloc_held_bytes if stats else None,
             }
-            for process, pair in allocated_held.items():
-                for state, value in zip(("allocated", "held"), pair or (None, None), strict=True):
-                    if value is not None:
-                        malloc.add_metric([process, state], value)
+            for labels, value in malloc_readings.items():
+                if value is not None:
+                    malloc.add_metric(list(labels), value)
         yield memory
         yield heap
         yield malloc

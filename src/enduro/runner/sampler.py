@@ -46,17 +46,16 @@ class Sampler:
         if any(s.params.has_penalties for s in states):
             logits = apply_penalties(logits, states)
         random_rows = [i for i, s in enumerate(states) if not s.params.greedy]
-        # Each of these passes reads the whole [R, 262k] logits: skip what the batch does not
-        # need (an all-sampled batch takes no argmax and no row copy).
-        if not random_rows:
-            tokens = logits.argmax(dim=-1)
-        elif len(random_rows) == len(states):
+        # argmax and the row copy each read the whole [R, 262k] logits: an all-sampled batch
+        # needs neither.
+        if len(random_rows) == len(states):
             tokens = self._sample_random(logits, states)
         else:
             tokens = logits.argmax(dim=-1)
-            rows = torch.tensor(random_rows, device=logits.device)
-            chosen = [states[i] for i in random_rows]
-            tokens[rows] = self._sample_random(logits[rows], chosen)
+            if random_rows:
+                rows = torch.tensor(random_rows, device=logits.device)
+                chosen = [states[i] for i in random_rows]
+                tokens[rows] = self._sample_random(logits[rows], chosen)
         token_ids: list[int] = tokens.tolist()
         logprobs: list[TokenLogprobs | None] = [None] * len(states)
         if raw_logprobs is not None:
