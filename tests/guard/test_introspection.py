@@ -1,9 +1,5 @@
-import json
-import subprocess
-import sys
-
 from enduro.guard.introspection import HeapBaseline, collect_and_trim
-from enduro.server.allocator import engine_environment
+from tests.allocator_script import run_json_script
 
 # Frees 256 MiB of 1 MiB buffers, then asks the allocator to give memory back; prints
 # the process's anonymous memory before and after, and what collect_and_trim did.
@@ -20,15 +16,7 @@ print(json.dumps({"before": before, "after": anon_memory_bytes(), **done}))
 
 
 def run_free_and_trim(allocator: str, **env: str) -> dict[str, object]:
-    result = subprocess.run(
-        [sys.executable, "-c", FREE_AND_TRIM],
-        env={**engine_environment(allocator), **env},
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
-    out: dict[str, object] = json.loads(result.stdout)
+    out: dict[str, object] = run_json_script(FREE_AND_TRIM, allocator, env=env)
     return out
 
 

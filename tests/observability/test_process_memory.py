@@ -1,9 +1,5 @@
-import json
-import subprocess
-import sys
-
 from enduro.observability.process_memory import anon_memory_bytes, malloc_stats
-from enduro.server.allocator import engine_environment
+from tests.allocator_script import run_json_script
 
 MIB = 1 << 20
 
@@ -28,15 +24,7 @@ print(json.dumps({"start": start, "holding": holding, "freed": stats()}))
 
 
 def run_hold_and_free(allocator: str, **env: str) -> dict[str, list[int | str]]:
-    result = subprocess.run(
-        [sys.executable, "-c", HOLD_AND_FREE],
-        env={**engine_environment(allocator), **env},
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
-    out: dict[str, list[int | str]] = json.loads(result.stdout)
+    out: dict[str, list[int | str]] = run_json_script(HOLD_AND_FREE, allocator, env=env)
     return out
 
 

@@ -1,11 +1,7 @@
-import json
-import subprocess
-import sys
-
 import torch
 
 from enduro.runner.attention_inputs import build_attention_metadata
-from enduro.server.allocator import engine_environment
+from tests.allocator_script import run_json_script
 
 BLOCK_SIZE = 4
 
@@ -129,15 +125,7 @@ print(json.dumps({"growth": malloc_stats().allocated_bytes - before}))
 
 
 def attention_memory_growth(mode: str) -> int:
-    result = subprocess.run(
-        [sys.executable, "-c", ATTENTION_MEMORY, mode],
-        env=engine_environment("jemalloc"),
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=True,
-    )
-    growth: int = json.loads(result.stdout)["growth"]
+    growth: int = run_json_script(ATTENTION_MEMORY, "jemalloc", mode, timeout=300)["growth"]
     return growth
 
 
