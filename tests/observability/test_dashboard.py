@@ -78,6 +78,7 @@ def heartbeat(engine: InProcessEngineClient) -> EngineStats:
         python_heap_bytes=None,
         malloc_allocated_bytes=None,
         malloc_held_bytes=None,
+        num_allocator_purges=0,
         step_seconds_counts=[0] * (len(STEP_SECONDS_BUCKETS) + 1),
         step_seconds_sum=0.0,
     )

@@ -218,6 +218,7 @@ def heartbeat(**changes: Any) -> EngineStats:
         "python_heap_bytes": 5_000_000,
         "malloc_allocated_bytes": 300_000_000,
         "malloc_held_bytes": 20_000_000,
+        "num_allocator_purges": 9,
         "step_seconds_counts": [0, 10, 20, *[0] * 14, 10],
         "step_seconds_sum": 123.5,
     }
@@ -267,6 +268,9 @@ def test_engine_gauges_and_counters_come_from_the_heartbeat() -> None:
         ("enduro_kv_cache_invariant_violations", ()): 0,
         ("enduro_kv_cache_fragmentation_ratio", ()): 0.25,
         ("enduro_kv_cache_bytes", ()): 128 * 4096,
+        ("enduro_allocator_purges_total", ()): 9,
+        ("enduro_engine_prefill_tokens_total", ()): 384,
+        ("enduro_engine_decode_tokens_total", ()): 77,
         ("enduro_engine_restarts_total", ()): 2,
     }
     step = samples_of(families["enduro_engine_step_seconds"])

@@ -24,6 +24,7 @@ from enduro.core.scheduler import Scheduler
 from enduro.engine.engine_core import MaintenanceReport
 from enduro.engine.faults import Faults
 from enduro.engine.loop import EngineLoop
+from enduro.engine.page_purge import IDLE_PURGE_AFTER
 from enduro.outputs import EngineCoreOutput
 from enduro.request import FinishReason
 from enduro.sampling_params import SamplingParams
@@ -251,6 +252,11 @@ async def test_stall_is_unhealthy_and_kill_9_restarts(model_dir: Path, offline: 
             assert client.pid not in (None, first_pid) and not process_exists(first_pid)
             assert "libjemalloc.so" in Path(f"/proc/{client.pid}/maps").read_text()
             outputs = await collect(client, "after", PROMPT, GREEDY)
+            # Idle since: the engine hands its kept pages back once (engine/page_purge.py).
+            await wait_until(
+                lambda: (stats := client.stats) is not None and stats.num_allocator_purges == 1,
+                IDLE_PURGE_AFTER + 3.0,
+            )
         (expected,) = offline.generate([PROMPT], GREEDY)
         assert [t for o in outputs for t in o.new_token_ids] == expected.outputs[0].token_ids
     finally:

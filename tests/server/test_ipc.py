@@ -95,6 +95,7 @@ STATS = EngineStats(
     python_heap_bytes=None,
     malloc_allocated_bytes=400_000_000,
     malloc_held_bytes=None,
+    num_allocator_purges=3,
     step_seconds_counts=[0, 1, 2, *[0] * 14, 1],
     step_seconds_sum=20.25,
 )

@@ -24,12 +24,18 @@ from types import FrameType
 from enduro.config import LOG_FORMATS, EngineConfig
 from enduro.engine.commands import CommandError, EngineCommands
 from enduro.engine.engine_core import EngineCore
+from enduro.engine.page_purge import PagePurger
 from enduro.engine.profiling import PROFILE_REQUEST_PREFIX, StepProfiler
 from enduro.engine.step_times import StepTimes
 from enduro.engine.warmup import warm_up
 from enduro.guard.introspection import HeapBaseline, collect_and_trim
 from enduro.observability.logging import configure_logging
-from enduro.observability.process_memory import malloc_stats, python_heap_bytes
+from enduro.observability.process_memory import (
+    jemalloc_mallctl,
+    jemalloc_purge,
+    malloc_stats,
+    python_heap_bytes,
+)
 from enduro.outputs import EngineCoreOutput
 from enduro.request import FinishReason
 from enduro.sampling_params import SamplingParams
@@ -93,6 +99,9 @@ class EngineLoop:
         self.last_invariant_check = -INVARIANT_CHECK_INTERVAL
         self.num_preemptions_logged = 0
         self.last_preemption_log = -PREEMPTION_LOG_INTERVAL
+        self.page_purger = PagePurger(
+            jemalloc_purge if jemalloc_mallctl() is not None else None, time.monotonic()
+        )
 
     def run(self) -> int:
         """Serve until told to stop; returns the exit status (non-zero after a failure)."""
@@ -222,6 +231,7 @@ class EngineLoop:
         report = self.core.maintain(force=self.commands.force_compaction)
         if self.commands.force_compaction and report.num_moves == 0:
             self.commands.force_compaction = False
+        self.page_purger.maybe_purge(time.monotonic(), self.core.has_unfinished_requests())
         if report.released_segments:
             log.info(
                 "released %d KV segments (%d blocks moved)",
@@ -303,6 +313,7 @@ class EngineLoop:
                 else None
             ),
             malloc_held_bytes=malloc.held_bytes if malloc else None,
+            num_allocator_purges=self.page_purger.num_purges,
             step_seconds_counts=list(self.step_times.counts),
             step_seconds_sum=self.step_times.sum,
         )

@@ -18,7 +18,7 @@ import tracemalloc
 from collections import Counter
 from typing import Any
 
-from enduro.observability.process_memory import jemalloc_mallctl
+from enduro.observability.process_memory import jemalloc_purge
 
 
 def gc_type_counts() -> Counter[str]:
@@ -71,17 +71,12 @@ def _malloc_trim() -> "ctypes._NamedFuncPointer | None":
     return trim
 
 
-# jemalloc's MALLCTL_ARENAS_ALL: "arena.4096.purge" purges every arena.
-_JEMALLOC_PURGE_ALL = b"arena.4096.purge"
-
-
 def collect_and_trim() -> dict[str, Any]:
     """gc.collect() then malloc_trim(0), or a purge of every arena under jemalloc; what each
     did (None: that allocator is not the one in use)."""
     collected = gc.collect()
-    mallctl = jemalloc_mallctl()
-    if mallctl is not None:
-        purged = mallctl(_JEMALLOC_PURGE_ALL, None, None, None, 0) == 0
+    purged = jemalloc_purge()
+    if purged is not None:
         return {"gc_collected": collected, "malloc_trim_released": None, "jemalloc_purged": purged}
     trim = _malloc_trim()
     released = bool(trim(0)) if trim is not None else None

@@ -122,6 +122,25 @@ HEARTBEAT_FAMILIES: tuple[tuple[Callable[[str, str, float | None], Metric], str,
         "kv_cache_fragmentation",
     ),
     (
+        _counter,
+        "enduro_engine_prefill_tokens",
+        "Prompt tokens the engine computed (prefix-cache hits left out, recomputes in).",
+        "num_prefill_tokens",
+    ),
+    (
+        _counter,
+        "enduro_engine_decode_tokens",
+        "Tokens the engine generated.",
+        "num_generation_tokens",
+    ),
+    (
+        _counter,
+        "enduro_allocator_purges",
+        "Times the engine handed its allocator's freed pages back to the kernel (jemalloc "
+        "keeps them for reuse between steps; the engine purges when idle and every 30 s).",
+        "num_allocator_purges",
+    ),
+    (
         _gauge,
         "enduro_kv_cache_bytes",
         "Memory of the KV pool's allocated segments.",

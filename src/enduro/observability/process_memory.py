@@ -145,6 +145,19 @@ def jemalloc_mallctl() -> "ctypes._NamedFuncPointer | None":
     return mallctl
 
 
+# jemalloc's MALLCTL_ARENAS_ALL: "arena.4096.purge" purges every arena.
+_JEMALLOC_PURGE_ALL = b"arena.4096.purge"
+
+
+def jemalloc_purge() -> bool | None:
+    """Hands every jemalloc arena's freed (dirty) pages back to the kernel; whether it worked,
+    or None when jemalloc is not the allocator."""
+    mallctl = jemalloc_mallctl()
+    if mallctl is None:
+        return None
+    return bool(mallctl(_JEMALLOC_PURGE_ALL, None, None, None, 0) == 0)
+
+
 @functools.cache
 def _glibc_mallinfo2() -> "ctypes._NamedFuncPointer | None":
     try:

@@ -6,6 +6,13 @@ mmap threshold moves large blocks onto the heap, and a heap only shrinks from th
 the engine's memory climbs to its high-water mark and stays there; jemalloc hands unused
 pages back after a short decay. benchmarks/README.md ("Allocators") has the measurements.
 
+jemalloc runs without its time-based decay (JEMALLOC_CONF). With the default 10 s decay it
+still purges a freed buffer of more than ≈7 MiB at once, so every decode step at 16 streams
+faulted in ≈90 MB of fresh zeroed pages (the 16 × 262,144 float logits and their copies):
+≈24,000 page faults a step, a quarter of its time. Freed pages now stay for reuse, and the
+engine purges them on its own schedule instead (engine/page_purge.py): once it has been idle
+for a few seconds, and every half minute under load.
+
 "auto" (the default) preloads jemalloc (Debian's libjemalloc2, which the Makefile installs)
 when it is installed, else keeps glibc. The API process stays on glibc: its memory is flat
 (parsed requests and responses, no tensors) and it is trimmed once after loading.
@@ -16,6 +23,10 @@ import os
 from pathlib import Path
 
 from enduro.config import ENGINE_ALLOCATORS as ALLOCATORS
+
+JEMALLOC_CONF = "dirty_decay_ms:-1"
+"""The engine's jemalloc options; a MALLOC_CONF already in the environment comes after them,
+so its settings win."""
 
 JEMALLOC_CANDIDATES = (
     "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2",
@@ -50,4 +61,6 @@ def engine_environment(choice: str, base: dict[str, str] | None = None) -> dict[
     if library is not None:
         preload = env.get("LD_PRELOAD")
         env["LD_PRELOAD"] = f"{library}:{preload}" if preload else library
+        conf = env.get("MALLOC_CONF")
+        env["MALLOC_CONF"] = f"{JEMALLOC_CONF},{conf}" if conf else JEMALLOC_CONF
     return env

@@ -89,6 +89,7 @@ class EngineStats:
     # malloc's callers hold / malloc keeps (process_memory.MallocStats); None if unreadable.
     malloc_allocated_bytes: int | None
     malloc_held_bytes: int | None
+    num_allocator_purges: int  # freed pages handed back to the kernel (engine/page_purge.py)
     # Steps per bucket of STEP_SECONDS_BUCKETS, then the +Inf bucket (not cumulative), and
     # the sum of their durations in seconds.
     step_seconds_counts: list[int]
