@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 from enduro.bench.soak import (
     SoakOptions,
     interval_hit_rate,
+    interval_steps,
     parse_duration,
     read_metrics,
     run_soak,
@@ -44,13 +45,35 @@ enduro_engine_restarts_total 0.0
 # TYPE enduro_requests_running gauge
 enduro_requests_running 2.0
 """
-# The fake's prefix-cache counters grow by 100 looked-up and 75 served tokens per scrape.
+# The fake's prefix-cache counters grow by 100 looked-up and 75 served tokens per scrape; its
+# engine makes 10 steps of 50 ms per scrape, 8 decode and 20 prefill tokens each.
 PREFIX_COUNTERS = """\
 # TYPE enduro_prefix_cache_queries_tokens counter
 enduro_prefix_cache_queries_tokens_total {queries}
 # TYPE enduro_prefix_cache_hits_tokens counter
 enduro_prefix_cache_hits_tokens_total {hits}
+# TYPE enduro_engine_step_seconds histogram
+enduro_engine_step_seconds_bucket{{le="+Inf"}} {steps}
+enduro_engine_step_seconds_count {steps}
+enduro_engine_step_seconds_sum {step_seconds}
+# TYPE enduro_engine_decode_tokens counter
+enduro_engine_decode_tokens_total {decode}
+# TYPE enduro_engine_prefill_tokens counter
+enduro_engine_prefill_tokens_total {prefill}
 """
+
+
+def counters(n: int) -> str:
+    return PREFIX_COUNTERS.format(
+        queries=100 * n,
+        hits=75 * n,
+        steps=10 * n,
+        step_seconds=0.5 * n,
+        decode=80 * n,
+        prefill=200 * n,
+    )
+
+
 MAX_REPLY_TOKENS = 6  # the fake's replies stay short whatever max_tokens says: fast tests
 
 
@@ -111,7 +134,7 @@ def fake_server(fail_every: int | None = None, alert: bool = False) -> FastAPI:
     def metrics() -> PlainTextResponse:
         scrapes["count"] += 1
         n = scrapes["count"]
-        return PlainTextResponse(METRICS + PREFIX_COUNTERS.format(queries=100 * n, hits=75 * n))
+        return PlainTextResponse(METRICS + counters(n))
 
     @app.get("/debug/events")
     def events() -> dict[str, Any]:
@@ -140,7 +163,7 @@ def test_parse_duration_refuses(text: str) -> None:
 
 
 def test_read_metrics_takes_the_series_it_knows() -> None:
-    assert read_metrics(METRICS + PREFIX_COUNTERS.format(queries=400, hits=300)) == {
+    assert read_metrics(METRICS + counters(4)) == {
         "api_memory_bytes": 100 * MIB,
         "engine_memory_bytes": 200 * MIB,
         "engine_malloc_allocated_bytes": 150 * MIB,
@@ -150,6 +173,10 @@ def test_read_metrics_takes_the_series_it_knows() -> None:
         "engine_restarts": 0.0,
         "prefix_queries": 400.0,
         "prefix_hits": 300.0,
+        "steps": 40.0,
+        "step_seconds": 2.0,
+        "decode_tokens": 320.0,
+        "prefill_tokens": 800.0,
     }
 
 
@@ -158,6 +185,20 @@ def test_interval_hit_rate() -> None:
     assert interval_hit_rate(None, (600.0, 350.0)) is None  # the first reading
     assert interval_hit_rate((400.0, 300.0), (400.0, 300.0)) is None  # no lookups
     assert interval_hit_rate((400.0, 300.0), (50.0, 10.0)) is None  # a new engine worker
+
+
+def test_interval_steps() -> None:
+    last = {"steps": 100.0, "step_seconds": 8.0, "decode_tokens": 1000.0, "prefill_tokens": 0.0}
+    now = {"steps": 140.0, "step_seconds": 10.0, "decode_tokens": 1320.0, "prefill_tokens": 512.0}
+    assert interval_steps(last, now) == {
+        "step_ms": 50.0,
+        "decode_tokens_per_step": 8.0,
+        "prefill_tokens_per_step": 12.8,
+    }
+    assert interval_steps({}, now) == {}  # the first reading
+    assert interval_steps(last, {**now, "steps": 100.0}) == {}  # no step in between
+    assert interval_steps(last, {k: v / 10 for k, v in now.items()}) == {}  # a new worker
+    assert interval_steps(last, {k: v for k, v in now.items() if k != "prefill_tokens"}) == {}
 
 
 @pytest.mark.asyncio
@@ -190,6 +231,11 @@ async def test_a_mixed_soak_passes_and_writes_its_report(tmp_path: Path) -> None
     assert table[-1]["kv_usage"] == "0.25" and table[-1]["kv_cache_bytes"] == ""
     assert table[0]["prefix_cache_hit_rate"] == ""
     assert {row["prefix_cache_hit_rate"] for row in table[1:]} == {"0.75"}
+    assert table[0]["step_ms"] == ""
+    steps = {
+        (r["step_ms"], r["decode_tokens_per_step"], r["prefill_tokens_per_step"]) for r in table[1:]
+    }
+    assert steps == {("50.0", "8.0", "20.0")}
     assert sum(float(row["output_tokens_per_s"]) for row in table) > 0
     assert any(row["ttft_p99"] and row["tpot_p99"] for row in table)
     assert json.loads((report / "verdict.json").read_text())["passed"] is True

@@ -210,3 +210,37 @@ def test_report_files(tmp_path: Path) -> None:
     for name in PLOTS:
         assert f"]({name})" in markdown
         assert (tmp_path / "report" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_step_trend_recovers_the_slowdown_at_the_same_batch() -> None:
+    # 30 + 2·decode + 0.1·prefill ms, plus 3.6 ms per hour (0.001 ms a second); the batch mix
+    # moves with time, so a plain trend of step time would blame the engine for it.
+    def step_rows() -> list[Row]:
+        return [
+            dataclasses.replace(
+                row,
+                decode_tokens_per_step=(decode := 4.0 + i % 7),
+                prefill_tokens_per_step=(prefill := 10.0 * (i % 5) + i),
+                step_ms=30 + 2 * decode + 0.1 * prefill + 0.001 * row.elapsed,
+            )
+            for i, row in enumerate(rows())
+        ]
+
+    verdict = compute_verdict(step_rows(), samples(), [], CRITERIA, RUN)
+    trend = verdict.step_time
+    assert trend is not None and trend.num_points == 90
+    assert trend.per_hour == pytest.approx(3.6, abs=1e-6)
+    assert (trend.low, trend.high) == pytest.approx((3.6, 3.6), abs=1e-6)  # an exact fit
+    mean_decode = sum(4.0 + i % 7 for i in range(10, 100)) / 90
+    mean_prefill = sum(10.0 * (i % 5) + i for i in range(10, 100)) / 90
+    expected_base = 30 + 2 * mean_decode + 0.1 * mean_prefill + 0.011
+    assert trend.base_ms == pytest.approx(expected_base, abs=1e-6)
+    assert "+3.6 ms/h" in verdict_markdown(verdict)
+
+
+def test_step_trend_needs_readings_and_a_mix_it_can_tell_apart() -> None:
+    assert compute_verdict(rows(), samples(), [], CRITERIA, RUN).step_time is None
+    no_prefill = rows(step_ms=50.0, decode_tokens_per_step=8.0, prefill_tokens_per_step=0.0)
+    assert compute_verdict(no_prefill, samples(), [], CRITERIA, RUN).step_time is None
+    few = rows(15, step_ms=50.0, decode_tokens_per_step=8.0, prefill_tokens_per_step=1.0)
+    assert compute_verdict(few, samples(15), [], CRITERIA, RUN).step_time is None

@@ -72,7 +72,13 @@ METRICS = {
     # Cumulative; a Row gets the interval's hit rate (`interval_hit_rate`).
     ("enduro_prefix_cache_queries_tokens_total", None, None): "prefix_queries",
     ("enduro_prefix_cache_hits_tokens_total", None, None): "prefix_hits",
+    # Cumulative; a Row gets the interval's step figures (`interval_steps`).
+    ("enduro_engine_step_seconds_count", None, None): "steps",
+    ("enduro_engine_step_seconds_sum", None, None): "step_seconds",
+    ("enduro_engine_decode_tokens_total", None, None): "decode_tokens",
+    ("enduro_engine_prefill_tokens_total", None, None): "prefill_tokens",
 }
+STEP_COUNTERS = ("steps", "step_seconds", "decode_tokens", "prefill_tokens")
 
 
 def interval_hit_rate(
@@ -84,6 +90,22 @@ def interval_hit_rate(
     if last is None or now is None or now[0] <= last[0] or now[1] < last[1]:
         return None
     return (now[1] - last[1]) / (now[0] - last[0])
+
+
+def interval_steps(last: dict[str, float], now: dict[str, float]) -> dict[str, float]:
+    """Row fields for the engine steps between two readings of STEP_COUNTERS: mean step time
+    and tokens per step; none when a reading lacks a counter, without a step in between, or
+    when a counter went back (a new engine worker started from zero)."""
+    if any(name not in last or name not in now for name in STEP_COUNTERS):
+        return {}
+    delta = {name: now[name] - last[name] for name in STEP_COUNTERS}
+    if delta["steps"] <= 0 or min(delta.values()) < 0:
+        return {}
+    return {
+        "step_ms": 1000 * delta["step_seconds"] / delta["steps"],
+        "decode_tokens_per_step": delta["decode_tokens"] / delta["steps"],
+        "prefill_tokens_per_step": delta["prefill_tokens"] / delta["steps"],
+    }
 
 
 def parse_duration(text: str) -> float:
@@ -210,6 +232,7 @@ class Soak:
         self.errors: Counter[str] = Counter()
         self.samples: list[RequestSample] = []
         self.prefix_counts: tuple[float, float] | None = None  # queries, hits at the last row
+        self.step_counts: dict[str, float] = {}  # STEP_COUNTERS at the last row
         self.events_supported = True
         self.load_start = 0.0  # monotonic; set when the load starts
         self.load_start_time = 0.0  # the same in unix time
@@ -251,6 +274,9 @@ class Soak:
         counts = (queries, hits) if queries is not None and hits is not None else None
         hit_rate = interval_hit_rate(self.prefix_counts, counts)
         self.prefix_counts = counts
+        step_counts = {name: figures.pop(name) for name in STEP_COUNTERS if name in figures}
+        steps = interval_steps(self.step_counts, step_counts)
+        self.step_counts = step_counts
         await self.poll_events()
         row = Row(
             time=time.time(),
@@ -265,6 +291,7 @@ class Soak:
             tpot_p99=percentile(tally.tpots, 99),
             output_tokens_per_s=tally.num_output_tokens / since if since > 0 else 0.0,
             prefix_cache_hit_rate=hit_rate,
+            **steps,
             **figures,
         )
         self.rows.append(row)

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from matplotlib.figure import Figure
 
 from enduro.guard.stats import percentile, theil_sen
@@ -53,6 +54,11 @@ class Row:
     prefix_cache_hit_rate: float | None = None  # share of the interval's looked-up prompt tokens
     kv_cache_bytes: float | None = None
     engine_restarts: float | None = None
+    # The engine's steps in the interval: mean duration, and what a step computed on average
+    # (tokens generated, prompt tokens prefilled). None: no step, or a new worker's counters.
+    step_ms: float | None = None
+    decode_tokens_per_step: float | None = None
+    prefill_tokens_per_step: float | None = None
 
     @property
     def total_memory_bytes(self) -> float | None:
@@ -107,6 +113,19 @@ class Drift:
 
 
 @dataclass(frozen=True)
+class StepTrend:
+    """The engine's mean step time as a + b·decode tokens + c·prefill tokens per step +
+    d·hours, fitted over the intervals after warm-up: d is how much slower a step of the same
+    batch got per hour (the engine's own slowdown, apart from the workload's mix)."""
+
+    per_hour: float  # d, milliseconds per hour
+    low: float  # 95 % confidence interval of d
+    high: float
+    base_ms: float  # the fitted step time at the mean batch, at the start
+    num_points: int
+
+
+@dataclass(frozen=True)
 class RequestCounts:
     ok: int
     failed: int
@@ -130,6 +149,8 @@ class Verdict:
     engine_malloc: dict[str, MemoryTrend] = field(default_factory=dict)
     """Slopes of the engine's malloc figures ("allocated", "held"): not criteria, but what
     tells live growth from allocator retention when the memory slope fails."""
+    step_time: StepTrend | None = None
+    """Not a criterion: whether a latency drift is the engine's steps getting slower."""
 
 
 # Row fields whose trends split the engine's memory (`Verdict.engine_malloc`).
@@ -159,6 +180,33 @@ def memory_trend(rows: Sequence[Row], field_name: str | None = None) -> MemoryTr
         estimate.p_value,
         estimate.num_points,
     )
+
+
+def step_trend(rows: Sequence[Row]) -> StepTrend | None:
+    """Least-squares fit of StepTrend over rows with step figures; None with too few rows
+    for the four coefficients and an error estimate."""
+    known = [
+        (row.elapsed / 3600, row.decode_tokens_per_step, row.prefill_tokens_per_step, ms)
+        for row in rows
+        if (ms := row.step_ms) is not None
+        and row.decode_tokens_per_step is not None
+        and row.prefill_tokens_per_step is not None
+    ]
+    if len(known) < 8:
+        return None
+    data = np.array(known, dtype=np.float64)
+    hours, decode, prefill, step_ms = data.T
+    design = np.column_stack([np.ones(len(data)), decode, prefill, hours])
+    coefficients, _, rank, _ = np.linalg.lstsq(design, step_ms, rcond=None)
+    if rank < design.shape[1]:  # e.g. no prefill at all: the mix cannot be told apart
+        return None
+    residuals = step_ms - design @ coefficients
+    variance = float(residuals @ residuals) / (len(data) - design.shape[1])
+    covariance = variance * np.linalg.inv(design.T @ design)
+    error = 1.96 * math.sqrt(float(covariance[3, 3]))
+    slope = float(coefficients[3])
+    base = float(coefficients[:3] @ [1.0, decode.mean(), prefill.mean()] + slope * hours[0])
+    return StepTrend(slope, slope - error, slope + error, base, len(data))
 
 
 def drift(samples: Sequence[RequestSample], key: str, start: float, end: float) -> Drift:
@@ -218,6 +266,7 @@ def compute_verdict(
             for name, field_name in MALLOC_FIELDS.items()
             if (trend := memory_trend(settled, field_name)) is not None
         },
+        step_time=step_trend(settled),
     )
 
 
@@ -293,6 +342,16 @@ def _slope_cell(trend: MemoryTrend) -> str:
     )
 
 
+def _step_cell(verdict: Verdict) -> str:
+    trend = verdict.step_time
+    if trend is None:
+        return "– (too few readings)"
+    return (
+        f"{trend.per_hour:+.1f} ms/h (95 % CI {trend.low:+.1f} to {trend.high:+.1f}) from "
+        f"{trend.base_ms:.1f} ms, {trend.num_points} intervals"
+    )
+
+
 def verdict_markdown(verdict: Verdict) -> str:
     run, counts, memory = verdict.run, verdict.requests, verdict.memory
     slope = "– (too few readings)" if memory is None else _slope_cell(memory)
@@ -313,6 +372,7 @@ def verdict_markdown(verdict: Verdict) -> str:
         ],
         f"| p99 TTFT, first → last 10 % | {_drift_cell(verdict.ttft_p99_drift)} |",
         f"| p99 TPOT, first → last 10 % | {_drift_cell(verdict.tpot_p99_drift)} |",
+        f"| engine step time at the same batch (not a criterion) | {_step_cell(verdict)} |",
         f"| alerts | {len(verdict.alerts)} |",
         "",
         *[f"- {reason}" for reason in verdict.reasons],
@@ -343,8 +403,18 @@ PANELS: dict[str, tuple[str, list[tuple[str, list[Series]]]]] = {
         ],
     ),
     "throughput.png": (
-        "Throughput",
-        [("output tokens/s", [("tokens/s", "output_tokens_per_s", 1)])],
+        "Throughput and engine steps",
+        [
+            ("output tokens/s", [("tokens/s", "output_tokens_per_s", 1)]),
+            ("step (ms)", [("mean step", "step_ms", 1)]),
+            (
+                "tokens per step",
+                [
+                    ("decode", "decode_tokens_per_step", 1),
+                    ("prefill", "prefill_tokens_per_step", 1),
+                ],
+            ),
+        ],
     ),
     "kv_cache.png": (
         "KV cache",
