@@ -23,6 +23,16 @@ from enduro.models.layers import Linear, MergedLinear, RMSNorm
 KVCache = tuple[torch.Tensor, torch.Tensor]
 
 
+def gather_blocks(cache: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
+    """The blocks `tables` [R, num_blocks] names, as [R, Hkv, num_blocks * block_size, D].
+
+    index_select copies each block as one contiguous run; indexing with the 2-D table
+    (cache[tables]) copies element by element and costs 4–7× more here, 20 ms of a 16-stream
+    decode step over 36 gathers."""
+    blocks = torch.index_select(cache, 0, tables.flatten())
+    return blocks.view(*tables.shape, *cache.shape[1:]).flatten(1, 2).transpose(1, 2)
+
+
 def paged_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -39,15 +49,15 @@ def paged_attention(
     k_cache, v_cache = kv_cache
     num_heads, head_dim = q.shape[1:]
     num_kv_heads = k_cache.shape[2]
-    k_cache.view(-1, num_kv_heads, head_dim)[attn.slot_mapping] = k
-    v_cache.view(-1, num_kv_heads, head_dim)[attn.slot_mapping] = v
+    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, attn.slot_mapping, k)
+    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, attn.slot_mapping, v)
 
     num_requests, max_query_len = attn.num_requests, attn.max_query_len
     # [R, num_blocks, block_size, Hkv, D] → [R, Hkv, S, D], S = num_blocks * block_size; a
     # sliding-window layer's tables start near the window, a global layer's at block 0.
     tables = attn.block_tables[sliding_window]
-    keys = k_cache[tables].flatten(1, 2).transpose(1, 2)
-    values = v_cache[tables].flatten(1, 2).transpose(1, 2)
+    keys = gather_blocks(k_cache, tables)
+    values = gather_blocks(v_cache, tables)
     mask = attn.masks[sliding_window]  # [R, 1, max_query_len, S], True = may attend
     if max_query_len == 1:
         # A pure decode step: one token per request, already in request order, so there is

@@ -67,8 +67,9 @@ class Sampler:
         return token_ids, logprobs
 
     def _sample_random(self, logits: torch.Tensor, states: list[RequestState]) -> torch.Tensor:
-        temperatures = torch.tensor([s.params.temperature for s in states], device=logits.device)
-        logits = logits / temperatures.unsqueeze(1)
+        temperatures = [s.params.temperature for s in states]
+        if any(t != 1.0 for t in temperatures):  # the default: a pass over [R, V] saved
+            logits = logits / torch.tensor(temperatures, device=logits.device).unsqueeze(1)
         logits, token_ids = filter_top_k_top_p_min_p(logits, states)
         # One uniform per row, from the row's own generator: a seeded request's tokens do not
         # depend on whatever else is in the batch.
