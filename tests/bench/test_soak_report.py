@@ -146,8 +146,9 @@ def test_drift_compares_the_first_and_last_tenth_after_warmup() -> None:
     ttft = lambda i: 0.5 if i >= 91 else 0.25  # noqa: E731
     tpot = lambda i: 0.15625 if i >= 91 else (9.0 if i < 10 else 0.125)  # noqa: E731
     verdict = compute_verdict(rows(), samples(ttft=ttft, tpot=tpot), [], CRITERIA, RUN)
-    assert verdict.ttft_p99_drift == Drift(first=0.25, last=0.5, relative=1.0)
-    assert verdict.tpot_p99_drift == Drift(first=0.125, last=0.15625, relative=0.25)
+    # Every request of a window alike: each resample has the same p99, the interval is a point.
+    assert verdict.ttft_p99_drift == Drift(0.25, 0.5, 1.0, 1.0, 1.0, 9, 9)
+    assert verdict.tpot_p99_drift == Drift(0.125, 0.15625, 0.25, 0.25, 0.25, 9, 9)
     assert verdict.reasons == ["p99 TTFT drifted +100% (from 250.0 ms to 500.0 ms), above +25%"]
 
 
@@ -159,11 +160,15 @@ def test_drift_takes_the_p99_of_the_pooled_requests() -> None:
     assert figure.first == pytest.approx(0.1)
     assert figure.last == pytest.approx(0.1 + 0.92 * 0.9)
     assert figure.relative == pytest.approx(8.28)
+    # Resamples without the slow request (a share (8/9)^9 ≈ 35 %) show no drift; those with
+    # it show +828 % or more: the interval spans both.
+    assert figure.low == pytest.approx(0.0) and figure.high is not None and figure.high > 8.28
+    assert (figure.num_first, figure.num_last) == (9, 9)
 
 
 def test_drift_skips_missing_figures() -> None:
     sparse = samples(count=100, ttft=lambda i: 1.0 if i == 99 else None)
-    assert drift(sparse, "ttft", 10.0, 100.0) == Drift(first=None, last=1.0, relative=None)
+    assert drift(sparse, "ttft", 10.0, 100.0) == Drift(None, 1.0, None, num_last=1)
     assert drift(sparse, "ttft", 10.0, 10.0) == Drift(None, None, None)
 
 

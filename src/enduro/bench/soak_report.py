@@ -110,6 +110,12 @@ class Drift:
     first: float | None  # p99 over the requests of the first EDGE_SHARE after warm-up
     last: float | None  # the same over the last EDGE_SHARE
     relative: float | None  # (last - first) / first
+    # 95 % bootstrap interval of `relative`: the p99 of a few dozen requests is close to
+    # their maximum, so one slow request moves it; the interval says how much that matters.
+    low: float | None = None
+    high: float | None = None
+    num_first: int = 0  # requests in each window
+    num_last: int = 0
 
 
 @dataclass(frozen=True)
@@ -221,11 +227,29 @@ def drift(samples: Sequence[RequestSample], key: str, start: float, end: float) 
         values = (getattr(s, key) for s in samples if low < s.elapsed <= high)
         return [v for v in values if v is not None]
 
-    first = percentile(window(start, start + edge), 99)
-    last = percentile(window(end - edge, end), 99)
+    first_values, last_values = window(start, start + edge), window(end - edge, end)
+    first, last = percentile(first_values, 99), percentile(last_values, 99)
+    counts = {"num_first": len(first_values), "num_last": len(last_values)}
     if first is None or last is None or first <= 0:
-        return Drift(first, last, None)
-    return Drift(first, last, (last - first) / first)
+        return Drift(first, last, None, **counts)
+    low, high = bootstrap_interval(first_values, last_values)
+    return Drift(first, last, (last - first) / first, low, high, **counts)
+
+
+BOOTSTRAP_ROUNDS = 2000
+
+
+def bootstrap_interval(first: Sequence[float], last: Sequence[float]) -> tuple[float, float]:
+    """95 % percentile-bootstrap interval of (p99(last) - p99(first)) / p99(first): both
+    windows resampled with replacement BOOTSTRAP_ROUNDS times (fixed seed: a report is
+    reproducible from its data)."""
+    rng = np.random.default_rng(0)
+    a, b = np.asarray(first, dtype=np.float64), np.asarray(last, dtype=np.float64)
+    p_first = np.percentile(rng.choice(a, (BOOTSTRAP_ROUNDS, len(a))), 99, axis=1)
+    p_last = np.percentile(rng.choice(b, (BOOTSTRAP_ROUNDS, len(b))), 99, axis=1)
+    positive = p_first > 0
+    relative = (p_last[positive] - p_first[positive]) / p_first[positive]
+    return float(np.percentile(relative, 2.5)), float(np.percentile(relative, 97.5))
 
 
 def compute_verdict(
@@ -332,7 +356,10 @@ def _ms(value: float | None) -> str:
 
 def _drift_cell(figure: Drift) -> str:
     change = "–" if figure.relative is None else f"{figure.relative:+.1%}"
-    return f"{_ms(figure.first)} → {_ms(figure.last)} ({change})"
+    if figure.low is not None and figure.high is not None:
+        change += f", 95 % CI {figure.low:+.0%} to {figure.high:+.0%}"
+    counts = f"{figure.num_first} → {figure.num_last} requests"
+    return f"{_ms(figure.first)} → {_ms(figure.last)} ({change}; {counts})"
 
 
 def _slope_cell(trend: MemoryTrend) -> str:
