@@ -1,10 +1,21 @@
 import subprocess
 import sys
 import textwrap
+from collections.abc import Callable
+from pathlib import Path
 
+import pytest
 import torch
 
-from enduro.models.layers import Linear, row_bucket, row_buckets, warm_up_matmuls
+from enduro import LLM
+from enduro.models.layers import (
+    Linear,
+    PackedLinear,
+    pack_weight,
+    row_bucket,
+    row_buckets,
+    warm_up_matmuls,
+)
 
 
 def test_row_buckets_are_exact_for_decode_and_few_above() -> None:
@@ -91,3 +102,38 @@ def test_after_the_warm_up_new_step_sizes_add_no_memory() -> None:
     # process by ≈15 MiB and a warmed one by -2 to +2 MiB.
     assert abs(cold_warm_up) < 1 and warm_up > 12
     assert cold_traffic > 8 and traffic < 5
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_a_packed_weight_gives_the_plain_matmul_bit_for_bit(bias: bool) -> None:
+    torch.manual_seed(0)
+    weight = torch.randn(300, 64, dtype=torch.bfloat16)
+    bias_tensor = torch.randn(300, dtype=torch.bfloat16) if bias else None
+    packed = pack_weight(weight, bias_tensor, 16)
+    assert isinstance(packed, PackedLinear)
+    for rows in (1, 5, 16, 37):  # 37 runs padded to its bucket, 48
+        x = torch.randn(rows, 64, dtype=torch.bfloat16)
+        out = packed(x)
+        assert out.shape == (rows, 300)
+        assert torch.equal(out, torch.nn.functional.linear(x, weight, bias_tensor))
+    assert packed.warm_up(20, torch.bfloat16) == len(row_buckets(20))
+
+
+def test_float32_weights_are_not_packed() -> None:
+    assert pack_weight(torch.zeros(300, 64), None, 16) is None
+
+
+def test_the_engine_packs_the_output_projection_in_half_precision(
+    tiny_model_dir: Callable[[str], Path],
+) -> None:
+    path = tiny_model_dir("gemma3")
+    llm = LLM(str(path), dtype="bfloat16", num_blocks=64)
+    model = llm.engine.runner.model
+    assert isinstance(model.lm_head, PackedLinear) and llm.engine.runner.packed_output_projection
+    hidden = torch.randn(3, model.embed_tokens.weight.shape[1], dtype=torch.bfloat16)
+    # A tied model: the packed head is the embedding matrix, which stays for the lookups.
+    expected = torch.nn.functional.linear(hidden, model.embed_tokens.weight)
+    assert torch.equal(model.lm_head(hidden), expected)
+    assert not model.pack_output_projection(16)  # packed already
+    fp32 = LLM(str(path), dtype="float32", num_blocks=64).engine.runner
+    assert fp32.model.lm_head is None and not fp32.packed_output_projection

@@ -13,7 +13,14 @@ from torch import nn
 from enduro.models.arch_config import ArchConfig
 from enduro.models.attention import KVCache
 from enduro.models.attention_metadata import AttentionMetadata
-from enduro.models.layers import Linear, RMSNorm, bucketed_linear, warm_up_matmuls
+from enduro.models.layers import (
+    Linear,
+    PackedLinear,
+    RMSNorm,
+    bucketed_linear,
+    pack_weight,
+    warm_up_matmuls,
+)
 from enduro.models.rotary import RotaryEmbedding
 from enduro.models.weight_loader import CheckpointNames, load_checkpoint
 
@@ -90,11 +97,32 @@ class CausalLM(nn.Module):
         max_logit_rows. Returns the number of matmuls run."""
         body = [(m.weight, m.bias) for m in self.layers.modules() if isinstance(m, Linear)]
         head: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+        num_head = 0
         if self.lm_head is None:
             head.append((self.embed_tokens.weight, None))
         elif isinstance(self.lm_head, Linear):
             head.append((self.lm_head.weight, self.lm_head.bias))
-        return warm_up_matmuls(body, max_num_tokens) + warm_up_matmuls(head, max_logit_rows)
+        elif isinstance(self.lm_head, PackedLinear):
+            num_head = self.lm_head.warm_up(max_logit_rows, self.embed_tokens.weight.dtype)
+        return (
+            warm_up_matmuls(body, max_num_tokens) + warm_up_matmuls(head, max_logit_rows) + num_head
+        )
+
+    def pack_output_projection(self, max_rows: int) -> bool:
+        """Reorders the output projection's weight for oneDNN once (`PackedLinear`); whether
+        it did. A tied model keeps its embedding matrix for the lookups, so the packed copy
+        costs its size once more (335 MB for Gemma 3 270M in bf16) for a faster step."""
+        if self.lm_head is None:
+            weight, bias = self.embed_tokens.weight, None
+        elif isinstance(self.lm_head, Linear):
+            weight, bias = self.lm_head.weight, self.lm_head.bias
+        else:  # quantized, or packed already
+            return False
+        packed = pack_weight(weight, bias, max_rows)
+        if packed is None:
+            return False
+        self.lm_head = packed
+        return True
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Assign transformers-named tensors (already in the model dtype), then build buffers.

@@ -60,11 +60,13 @@ class ModelRunner:
         self.model.load_weights(self._weights_with_progress(progress))
         quantize_model(self.model, config.model.quantization)
         self.model.to(self.device)
+        scheduler = config.scheduler
+        max_logit_rows = max(scheduler.max_num_seqs, PROMPT_LOGPROBS_ROWS)
+        self.packed_output_projection = self.model.pack_output_projection(max_logit_rows)
         self.load_seconds = time.monotonic() - started
         started = time.monotonic()
-        scheduler = config.scheduler
         self.num_warm_up_matmuls = self.model.warm_up(
-            scheduler.max_num_batched_tokens, max(scheduler.max_num_seqs, PROMPT_LOGPROBS_ROWS)
+            scheduler.max_num_batched_tokens, max_logit_rows
         )
         self.warm_up_seconds = time.monotonic() - started
         self.block_size = config.cache.block_size
