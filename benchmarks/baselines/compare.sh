@@ -5,8 +5,9 @@
 # Usage: benchmarks/baselines/compare.sh [STEP...] with STEP among enduro, enduro-nocache,
 # enduro-int4-head, enduro-int8, llama-server, llama-cpp-python, offline, report
 # (default: all, in that order), and c16-repeats: the 16-stream chat level three times per
-# server, enduro and llama-server alternating, into results/chat-c16-repeats (the servers'
-# run-to-run spread is ±15 % on this VM, so one run's ratio can be luck).
+# server, enduro, enduro on jemalloc's default decay and llama-server alternating, into
+# results/chat-c16-repeats (the servers' run-to-run spread is ±15 % on this VM, so one run's
+# ratio can be luck).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 BIN=.venv/bin
@@ -97,10 +98,16 @@ step() {
       $BIN/enduro bench offline --dtype float32 --concurrency 1 --concurrency 16 \
         | tee "$OUT/offline-fp32.txt" ;;
     c16-repeats)
-      for round in 1 2 3; do
-        for server in enduro llama-server; do
+      for round in $(seq "${FIRST_ROUND:-1}" "${LAST_ROUND:-3}"); do
+        # enduro-decay: jemalloc's default 10 s decay (what the engine ran before it kept
+        # freed pages); the operator's MALLOC_CONF comes after the engine's, so it wins.
+        for server in enduro enduro-decay llama-server; do
           label=$server-$round bench_out=$OUT/chat-c16-repeats
-          if [ "$server" = enduro ]; then start_enduro; else start_llama_server --parallel 16 -c 16384; fi
+          case "$server" in
+            enduro) start_enduro ;;
+            enduro-decay) MALLOC_CONF=dirty_decay_ms:10000 start_enduro ;;
+            *) start_llama_server --parallel 16 -c 16384 ;;
+          esac
           bench chat 16 32
           stop_server
           rm -f "$OUT/server-$label.log"

@@ -1,0 +1,68 @@
+"""Medians of the alternating rounds of `compare.sh c16-repeats`, one line per server.
+
+  .venv/bin/python benchmarks/baselines/repeats_summary.py [DIR] [--baseline llama-server]
+
+DIR holds `<server>-<round>.json` from `enduro bench serve` (default:
+results/chat-c16-repeats). Rounds alternate the servers, so the ratio of each round's
+figures cancels most of the machine's drift; the table gives every round's output tokens/s,
+the median, and the median of the per-round ratios against the baseline.
+"""
+
+import argparse
+import json
+import re
+import statistics
+import sys
+from pathlib import Path
+
+RESULT = re.compile(r"^(?P<server>.+)-(?P<round>\d+)\.json$")
+
+
+def read_rounds(directory: Path) -> dict[str, dict[int, dict[str, float]]]:
+    """server → round → figures of its (single) concurrency level."""
+    servers: dict[str, dict[int, dict[str, float]]] = {}
+    for path in sorted(directory.glob("*.json")):
+        match = RESULT.match(path.name)
+        if match is None:
+            continue
+        (level,) = json.loads(path.read_text())["levels"]
+        figures = {
+            "tok/s": level["output_tokens_per_s"],
+            "tpot_p50_ms": 1000 * level["tpot_p50"],
+            "ttft_p50_ms": 1000 * level["ttft_p50"],
+        }
+        servers.setdefault(match["server"], {})[int(match["round"])] = figures
+    return servers
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    here = Path(__file__).parent
+    parser.add_argument(
+        "directory", nargs="?", type=Path, default=here / "results/chat-c16-repeats"
+    )
+    parser.add_argument("--baseline", default="llama-server")
+    args = parser.parse_args()
+    servers = read_rounds(args.directory)
+    baseline = servers.get(args.baseline, {})
+    print(
+        "| server | tok/s per round | median tok/s | median TPOT p50 | median TTFT p50 "
+        f"| median ratio vs {args.baseline} |"
+    )
+    print("|---|---|---|---|---|---|")
+    for server, rounds in sorted(servers.items()):
+        shared = sorted(set(rounds) & set(baseline))
+        ratios = [rounds[r]["tok/s"] / baseline[r]["tok/s"] for r in shared]
+        ratio = f"{statistics.median(ratios):.2f}× ({len(ratios)} rounds)" if ratios else "–"
+        per_round = ", ".join(f"{rounds[r]['tok/s']:.1f}" for r in sorted(rounds))
+        print(
+            f"| {server} | {per_round} "
+            f"| {statistics.median(f['tok/s'] for f in rounds.values()):.1f} "
+            f"| {statistics.median(f['tpot_p50_ms'] for f in rounds.values()):.0f} ms "
+            f"| {statistics.median(f['ttft_p50_ms'] for f in rounds.values()):.0f} ms | {ratio} |"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
