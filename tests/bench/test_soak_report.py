@@ -92,9 +92,33 @@ def test_a_memory_ramp_fails_with_its_slope() -> None:
     ]
 
 
-def test_engine_malloc_split_is_reported_but_not_judged() -> None:
-    # Flat total memory; the engine's allocator moves 2 MiB/s from held to allocated.
-    split = [
+def test_free_pages_the_allocator_keeps_are_reported_but_not_judged() -> None:
+    # The engine's allocator keeps 2 MiB/s more free pages (held) and its RSS rises with
+    # them; what its callers hold (allocated) stays flat: no leak.
+    kept = [
+        dataclasses.replace(
+            row,
+            engine_memory_bytes=(row.engine_memory_bytes or 0.0) + row.elapsed * 2 * MIB,
+            engine_malloc_allocated_bytes=400 * MIB,
+            engine_malloc_held_bytes=100 * MIB + row.elapsed * 2 * MIB,
+        )
+        for row in rows()
+    ]
+    verdict = compute_verdict(kept, samples(), [], CRITERIA, RUN)
+    assert verdict.passed and verdict.memory is not None and verdict.memory.slope == 0.0
+    trends = verdict.engine_malloc
+    assert list(trends) == ["allocated", "held"]
+    assert trends["allocated"].slope == 0.0
+    assert trends["held"].slope == pytest.approx(7200 * MIB)
+    assert trends["held"].num_points == 90
+    assert verdict.resident_memory is not None
+    assert verdict.resident_memory.slope == pytest.approx(7200 * MIB)
+    markdown = verdict_markdown(verdict)
+    assert "| resident memory slope, kept free pages in (not a criterion) | +7200.00" in markdown
+    assert "| engine malloc allocated slope (not a criterion) | +0.00 MiB/h" in markdown
+    assert "| engine malloc held slope (not a criterion) | +7200.00 MiB/h" in markdown
+    # Kept pages reused for live data at the same RSS: that is growth, and it fails.
+    reused = [
         dataclasses.replace(
             row,
             engine_malloc_allocated_bytes=400 * MIB + row.elapsed * 2 * MIB,
@@ -102,16 +126,9 @@ def test_engine_malloc_split_is_reported_but_not_judged() -> None:
         )
         for row in rows()
     ]
-    verdict = compute_verdict(split, samples(), [], CRITERIA, RUN)
-    assert verdict.passed
-    trends = verdict.engine_malloc
-    assert list(trends) == ["allocated", "held"]
-    assert trends["allocated"].slope == pytest.approx(7200 * MIB)
-    assert trends["held"].slope == pytest.approx(-7200 * MIB)
-    assert trends["allocated"].num_points == 90
-    markdown = verdict_markdown(verdict)
-    assert "| engine malloc allocated slope (not a criterion) | +7200.00 MiB/h" in markdown
-    assert "| engine malloc held slope (not a criterion) | -7200.00 MiB/h" in markdown
+    verdict = compute_verdict(reused, samples(), [], CRITERIA, RUN)
+    assert verdict.memory is not None and verdict.memory.slope == pytest.approx(7200 * MIB)
+    assert not verdict.passed
 
 
 def test_without_malloc_figures_there_is_no_split() -> None:

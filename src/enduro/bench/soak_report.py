@@ -69,6 +69,16 @@ class Row:
             return None
         return self.api_memory_bytes + self.engine_memory_bytes - (self.kv_cache_bytes or 0.0)
 
+    @property
+    def live_memory_bytes(self) -> float | None:
+        """total_memory_bytes less the free pages the engine's allocator keeps for reuse
+        (engine_malloc_held_bytes, purged every 30 s: engine/page_purge.py): what the guard's
+        leak detector fits too. Those pages follow the largest recent steps, not a leak."""
+        total = self.total_memory_bytes
+        if total is None:
+            return None
+        return total - (self.engine_malloc_held_bytes or 0.0)
+
 
 @dataclass(frozen=True)
 class RequestSample:
@@ -157,6 +167,9 @@ class Verdict:
     tells live growth from allocator retention when the memory slope fails."""
     step_time: StepTrend | None = None
     """Not a criterion: whether a latency drift is the engine's steps getting slower."""
+    resident_memory: MemoryTrend | None = None
+    """Not a criterion: the slope with the allocator's kept free pages in (API + engine, KV
+    pool excluded), the figure the memory criterion used before the engine kept them."""
 
 
 # Row fields whose trends split the engine's memory (`Verdict.engine_malloc`).
@@ -172,7 +185,7 @@ def memory_trend(rows: Sequence[Row], field_name: str | None = None) -> MemoryTr
     missing a reading are skipped."""
     if field_name is None:
         with_engine = any(row.engine_memory_bytes is not None for row in rows)
-        field_name = "total_memory_bytes" if with_engine else "api_memory_bytes"
+        field_name = "live_memory_bytes" if with_engine else "api_memory_bytes"
     points = [(row.elapsed, getattr(row, field_name)) for row in rows]
     known = [(x, y) for x, y in points if y is not None]
     estimate = theil_sen([x for x, _ in known], [y for _, y in known])
@@ -291,6 +304,7 @@ def compute_verdict(
             if (trend := memory_trend(settled, field_name)) is not None
         },
         step_time=step_trend(settled),
+        resident_memory=memory_trend(settled, "total_memory_bytes") if memory else None,
     )
 
 
@@ -392,7 +406,12 @@ def verdict_markdown(verdict: Verdict) -> str:
         f"| workload | {run.workload}, concurrency {run.concurrency}, {run.duration:.0f} s |",
         f"| requests ok / failed | {counts.ok} / {counts.failed} |",
         f"| expected 400s / client aborts | {counts.expected_errors} / {counts.aborted} |",
-        f"| memory slope (API + engine, KV pool excluded) | {slope} |",
+        f"| memory slope (API + engine; KV pool, allocator's kept free pages excluded) | {slope} |",
+        *[
+            f"| resident memory slope, kept free pages in (not a criterion) | {_slope_cell(t)} |"
+            for t in [verdict.resident_memory]
+            if t is not None and verdict.engine_malloc
+        ],
         *[
             f"| engine malloc {name} slope (not a criterion) | {_slope_cell(trend)} |"
             for name, trend in verdict.engine_malloc.items()
@@ -417,6 +436,7 @@ MEMORY_SERIES: list[Series] = [
     ("api", "api_memory_bytes", MIB),
     ("engine", "engine_memory_bytes", MIB),
     ("api + engine", "total_memory_bytes", MIB),
+    ("api + engine, live", "live_memory_bytes", MIB),
     ("engine malloc: allocated", "engine_malloc_allocated_bytes", MIB),
     ("engine malloc: held free", "engine_malloc_held_bytes", MIB),
 ]

@@ -100,10 +100,18 @@ class LeakDetector:
 
     def _memory(self, points: Sequence[Sample]) -> list[float]:
         """Memory that no pool accounts for: the engine's KV segments are memory it owns and
-        gives back (grown under load, released when idle), so they are taken out; what is
-        left growing is a leak."""
+        gives back (grown under load, released when idle), and the free pages its allocator
+        keeps for reuse (`engine_malloc_held_bytes`: up to a step's working set, purged every
+        30 s, engine/page_purge.py) are memory nothing holds; both are taken out, and what is
+        left growing is a leak. The kept pages follow the largest recent steps, so with them
+        in, longer agent contexts read as a leak of several hundred MiB/h."""
         if self.process == "engine":
-            return [float(s.engine_memory_bytes or 0) - (s.kv_cache_bytes or 0) for s in points]
+            return [
+                float(s.engine_memory_bytes or 0)
+                - (s.kv_cache_bytes or 0)
+                - (s.engine_malloc_held_bytes or 0)
+                for s in points
+            ]
         return [float(getattr(s, self._field)) for s in points]
 
     def _fit(self, points: Sequence[Sample]) -> SlopeEstimate | None:
