@@ -101,7 +101,7 @@ step() {
       for round in $(seq "${FIRST_ROUND:-1}" "${LAST_ROUND:-3}"); do
         # enduro-decay: jemalloc's default 10 s decay (what the engine ran before it kept
         # freed pages); the operator's MALLOC_CONF comes after the engine's, so it wins.
-        for server in enduro enduro-decay llama-server; do
+        for server in ${SERVERS:-enduro enduro-decay llama-server}; do
           label=$server-$round bench_out=$OUT/chat-c16-repeats
           case "$server" in
             enduro) start_enduro ;;
