@@ -131,6 +131,25 @@ def test_free_pages_the_allocator_keeps_are_not_a_leak() -> None:
     assert flagged_times(LeakDetector(CONFIG, "engine"), unknown) != []
 
 
+def test_the_heartbeats_own_live_memory_is_fitted_when_there() -> None:
+    # An RSS read apart from the allocator's figures can disagree with them (a purge between
+    # the readings); the heartbeat's own reading, taken with them, is what counts: a rise in
+    # the RSS alone is not flagged...
+    flat_live = [
+        dataclasses.replace(s, engine_live_memory_bytes=int(800 * MiB))
+        for s in memory_samples(per_request_leak, 120)
+    ]
+    assert flagged_times(LeakDetector(CONFIG, "engine"), flat_live) == []
+    # ...and a leak in the heartbeat's reading is, as in the RSS test above (same noise).
+    leaking = [
+        dataclasses.replace(
+            s, engine_live_memory_bytes=s.engine_memory_bytes, engine_memory_bytes=800 * MiB
+        )
+        for s in memory_samples(per_request_leak, 120)
+    ]
+    assert flagged_times(LeakDetector(CONFIG, "engine"), leaking)[0] == 64.0
+
+
 def test_leak_detector_refuses_unknown_process() -> None:
     with pytest.raises(ValueError):
         LeakDetector(CONFIG, "tokenizer")

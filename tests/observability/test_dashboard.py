@@ -79,6 +79,7 @@ def heartbeat(engine: InProcessEngineClient) -> EngineStats:
         malloc_allocated_bytes=None,
         malloc_held_bytes=None,
         num_allocator_purges=0,
+        memory_bytes=None,
         step_seconds_counts=[0] * (len(STEP_SECONDS_BUCKETS) + 1),
         step_seconds_sum=0.0,
     )

@@ -219,6 +219,7 @@ def heartbeat(**changes: Any) -> EngineStats:
         "malloc_allocated_bytes": 300_000_000,
         "malloc_held_bytes": 20_000_000,
         "num_allocator_purges": 9,
+        "memory_bytes": 900_000_000,
         "step_seconds_counts": [0, 10, 20, *[0] * 14, 10],
         "step_seconds_sum": 123.5,
     }

@@ -96,6 +96,7 @@ STATS = EngineStats(
     malloc_allocated_bytes=400_000_000,
     malloc_held_bytes=None,
     num_allocator_purges=3,
+    memory_bytes=1_000_000_000,
     step_seconds_counts=[0, 1, 2, *[0] * 14, 1],
     step_seconds_sum=20.25,
 )

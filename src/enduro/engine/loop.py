@@ -31,6 +31,7 @@ from enduro.engine.warmup import warm_up
 from enduro.guard.introspection import HeapBaseline, collect_and_trim
 from enduro.observability.logging import configure_logging
 from enduro.observability.process_memory import (
+    anon_memory_bytes,
     jemalloc_mallctl,
     jemalloc_purge,
     malloc_stats,
@@ -278,6 +279,7 @@ class EngineLoop:
         scheduler = self.core.scheduler
         pool = scheduler.kv_cache_manager.block_pool
         malloc = malloc_stats()
+        memory = anon_memory_bytes()
         return EngineStats(
             time=now,
             num_steps=scheduler.stats.num_steps,
@@ -314,6 +316,7 @@ class EngineLoop:
             ),
             malloc_held_bytes=malloc.held_bytes if malloc else None,
             num_allocator_purges=self.page_purger.num_purges,
+            memory_bytes=memory,
             step_seconds_counts=list(self.step_times.counts),
             step_seconds_sum=self.step_times.sum,
         )

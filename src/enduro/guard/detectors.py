@@ -106,8 +106,12 @@ class LeakDetector:
         left growing is a leak. The kept pages follow the largest recent steps, so with them
         in, longer agent contexts read as a leak of several hundred MiB/h."""
         if self.process == "engine":
+            # The heartbeat's own reading when there is one: the kept pages swing by a step's
+            # working set at each purge, and an RSS read apart from them spikes after one.
             return [
-                float(s.engine_memory_bytes or 0)
+                float(s.engine_live_memory_bytes)
+                if s.engine_live_memory_bytes is not None
+                else float(s.engine_memory_bytes or 0)
                 - (s.kv_cache_bytes or 0)
                 - (s.engine_malloc_held_bytes or 0)
                 for s in points

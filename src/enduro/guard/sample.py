@@ -24,6 +24,9 @@ class Sample:
     """Bytes the engine's malloc callers hold (tensors, kernel caches, Python's large objects)."""
     engine_malloc_held_bytes: int | None = None
     """Bytes the engine's malloc keeps beyond that: freed but not yet returned, and metadata."""
+    engine_live_memory_bytes: int | None = None
+    """The engine's RssAnon + VmSwap less its KV pool and its malloc's kept bytes, all read in
+    one heartbeat (what the leak detector fits)."""
     gc_collections: int = 0
     """Garbage collections run in the API process so far, all generations."""
     engine_cpu_wait_seconds: float | None = None

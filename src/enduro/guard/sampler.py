@@ -67,6 +67,7 @@ class GuardSampler:
             engine_python_heap_bytes=stats.python_heap_bytes if stats else None,
             engine_malloc_allocated_bytes=stats.malloc_allocated_bytes if stats else None,
             engine_malloc_held_bytes=stats.malloc_held_bytes if stats else None,
+            engine_live_memory_bytes=_live_memory(stats),
             engine_cpu_wait_seconds=cpu_wait_seconds(pid) if pid is not None else None,
             gc_collections=sum(generation["collections"] for generation in gc.get_stats()),
             num_fds=_count_fds(),
@@ -106,3 +107,11 @@ def _count_fds() -> int:
         return len(os.listdir("/proc/self/fd"))
     except OSError:
         return 0
+
+
+def _live_memory(stats: EngineStats | None) -> int | None:
+    """The engine's memory less its KV pool and its allocator's kept free pages, from one
+    heartbeat; None when the heartbeat lacks the figures."""
+    if stats is None or stats.memory_bytes is None:
+        return None
+    return stats.memory_bytes - stats.kv_cache_bytes - (stats.malloc_held_bytes or 0)

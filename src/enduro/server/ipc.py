@@ -90,6 +90,9 @@ class EngineStats:
     malloc_allocated_bytes: int | None
     malloc_held_bytes: int | None
     num_allocator_purges: int  # freed pages handed back to the kernel (engine/page_purge.py)
+    # The engine's RssAnon + VmSwap, read together with the malloc figures: a purge between
+    # two readings taken apart would make the kept pages and the RSS disagree.
+    memory_bytes: int | None
     # Steps per bucket of STEP_SECONDS_BUCKETS, then the +Inf bucket (not cumulative), and
     # the sum of their durations in seconds.
     step_seconds_counts: list[int]
