@@ -19,7 +19,7 @@ BUSY_PURGE_INTERVAL = 30.0
 
 class PagePurger:
     """Decides, between steps, whether to purge; `purge` does it (None: no allocator to ask,
-    e.g. glibc, which returns a large block's pages when it is freed)."""
+    as under glibc, whose freed memory the guard's collect rung trims instead)."""
 
     def __init__(self, purge: Callable[[], bool | None] | None, now: float) -> None:
         self.purge = purge
