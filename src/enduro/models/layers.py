@@ -1,6 +1,6 @@
 """Layers shared by every architecture: RMSNorm, fused linear projections, the gated MLP."""
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -52,11 +52,18 @@ def bucketed_linear(
     ~16 MB per request, to gigabytes (benchmarks/README.md, "Memory"). Padded rows are zeros
     and their outputs are dropped; a row's result does not depend on the others.
     """
+    if not builds_primitives(x):
+        return F.linear(x, weight, bias)
+    return on_row_bucket(x, lambda padded: F.linear(padded, weight, bias))
+
+
+def on_row_bucket(x: torch.Tensor, matmul: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """matmul(x) run with x's rows padded with zeros up to row_bucket(rows); x's rows back."""
     rows = x.shape[0]
     bucket = row_bucket(rows)
-    if bucket == rows or not builds_primitives(x):
-        return F.linear(x, weight, bias)
-    return F.linear(F.pad(x, (0, 0, 0, bucket - rows)), weight, bias)[:rows]
+    if bucket == rows:
+        return matmul(x)
+    return matmul(F.pad(x, (0, 0, 0, bucket - rows)))[:rows]
 
 
 def row_buckets(max_rows: int) -> list[int]:
@@ -109,23 +116,24 @@ class PackedLinear(nn.Module):
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.shape[0]
-        bucket = row_bucket(rows)
-        if bucket != rows:
-            x = F.pad(x, (0, 0, 0, bucket - rows))
-        out = torch.ops.mkldnn._linear_pointwise(
+        return on_row_bucket(x, self._matmul)
+
+    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(
             x.contiguous(), self.packed, self.bias, "none", [], ""
         )
-        return out[:rows]
 
     def warm_up(self, max_rows: int, dtype: torch.dtype) -> int:
         """Runs every row bucket up to max_rows once (see `warm_up_matmuls`)."""
-        for rows in row_buckets(max_rows):
+        buckets = row_buckets(max_rows)
+        for rows in buckets:
             self(torch.zeros(rows, self.in_features, dtype=dtype))
-        return len(row_buckets(max_rows))
+        return len(buckets)
 
 
-def pack_weight(weight: torch.Tensor, bias: torch.Tensor | None, max_rows: int) -> nn.Module | None:
+def pack_weight(
+    weight: torch.Tensor, bias: torch.Tensor | None, max_rows: int
+) -> PackedLinear | None:
     """A PackedLinear for `weight`, or None where oneDNN does not run it (fp32, not CPU, or a
     torch built without oneDNN)."""
     if not builds_primitives(weight) or not torch.backends.mkldnn.is_available():
