@@ -153,6 +153,10 @@ class GuardConfig:
     """Seconds of recent samples the leak fit and the memory forecast use."""
     leak_threshold: int = 64 << 20
     """Memory growth in bytes per hour that is a leak, when the trend is also significant."""
+    leak_min_growth: int = 16 << 20
+    """Fewest bytes the fitted trend must add over the samples it fits: on a smooth series a
+    settling creep (caches and queues reaching their working size, ≈10 MiB in 5 minutes on
+    the default model) is significant and, over a short span, faster than leak_threshold."""
     leak_p_value: float = 0.001
     """Largest Mann-Kendall p-value at which a memory trend counts as real."""
     drift_k: float = 4.0
@@ -185,8 +189,9 @@ class GuardConfig:
         for name in ("guard_warmup", "guard_cooldown", "recycle_interval", "drift_min_increase"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0")
-        if self.leak_threshold < 0:
-            raise ValueError("leak_threshold must be >= 0")
+        for name in ("leak_threshold", "leak_min_growth"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0")
         if not 0 < self.leak_p_value < 1:
             raise ValueError("leak_p_value must be in (0, 1)")
         if self.drift_k <= 0:

@@ -54,6 +54,8 @@ class LeakDetector:
     a leak must also be a significant rise (p < leak_p_value) within the older half of the
     points and within the newer half on its own: a step lies in one half at most, and the
     other half is flat. The price is latency: a leak is flagged once each half shows it.
+    And it must have added leak_min_growth bytes over the fitted span: a rate alone calls a
+    small settling creep on a smooth series a leak.
     """
 
     def __init__(self, config: GuardConfig, process: str) -> None:
@@ -70,7 +72,7 @@ class LeakDetector:
     def observe(self, samples: Sequence[Sample], now: float) -> list[Finding]:
         points = self._points(samples, now)
         fit = self._fit(points)
-        if fit is None or not self._is_leak(fit) or not self._rises_in_both_halves(points):
+        if fit is None or not self._is_leak(fit, points) or not self._rises_in_both_halves(points):
             return []
         return [self._finding(points, fit)]
 
@@ -123,9 +125,10 @@ class LeakDetector:
             return None
         return theil_sen([s.time for s in points], self._memory(points))
 
-    def _is_leak(self, fit: SlopeEstimate) -> bool:
+    def _is_leak(self, fit: SlopeEstimate, points: Sequence[Sample]) -> bool:
         fast = fit.slope * 3600 > self.config.leak_threshold
-        return fast and fit.p_value < self.config.leak_p_value
+        grown = fit.slope * (points[-1].time - points[0].time) >= self.config.leak_min_growth
+        return fast and grown and fit.p_value < self.config.leak_p_value
 
     def _rises_in_both_halves(self, points: Sequence[Sample]) -> bool:
         middle = len(points) // 2
