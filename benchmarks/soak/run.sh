@@ -2,7 +2,8 @@
 # The recorded soaks of benchmarks/README.md ("Soak"), one after the other, on the default
 # model with `enduro serve`'s defaults (guard heal). Usage: benchmarks/soak/run.sh [RUN...]
 # where RUN is agent (or agent-NAME), leak (observe and heal side by side), leak-observe, leak-heal,
-# alloc-glibc, alloc-arena2, alloc-jemalloc.
+# alloc-glibc, alloc-arena2, alloc-jemalloc. LEAK_DURATION (20m) and ALLOC_DURATION (10m) set
+# the length of those runs.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 out=benchmarks/soak
@@ -31,7 +32,7 @@ run() {
     # collects would hide what each allocator keeps).
     alloc-glibc|alloc-arena2|alloc-jemalloc)
       if [ "$1" = alloc-arena2 ]; then export MALLOC_ARENA_MAX=2; else unset MALLOC_ARENA_MAX; fi
-      soak --duration 5m --concurrency 8 --workload agent --report "$out/$1" \
+      soak --duration "${ALLOC_DURATION:-10m}" --concurrency 8 --workload agent --report "$out/$1" \
         --no-fail-on-alert --serve-arg=--guard=observe \
         --serve-arg="--engine-allocator=$( [ "$1" = alloc-jemalloc ] && echo jemalloc || echo glibc)" ;;
     *) echo "unknown run $1" >&2; exit 2 ;;
