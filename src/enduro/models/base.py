@@ -96,16 +96,22 @@ class CausalLM(nn.Module):
         layers' projections at up to max_num_tokens rows, the output projection at up to
         max_logit_rows. Returns the number of matmuls run."""
         body = [(m.weight, m.bias) for m in self.layers.modules() if isinstance(m, Linear)]
+        # oneDNN keys primitives on shapes, not data: one packed layer of each shape will do.
+        packed_body = {
+            m.shape_key(): m for m in self.layers.modules() if isinstance(m, PackedLinear)
+        }
+        num_packed = sum(m.warm_up(max_num_tokens) for m in packed_body.values())
         head: list[tuple[torch.Tensor, torch.Tensor | None]] = []
-        num_head = 0
         if self.lm_head is None:
             head.append((self.embed_tokens.weight, None))
         elif isinstance(self.lm_head, Linear):
             head.append((self.lm_head.weight, self.lm_head.bias))
         elif isinstance(self.lm_head, PackedLinear):
-            num_head = self.lm_head.warm_up(max_logit_rows, self.embed_tokens.weight.dtype)
+            num_packed += self.lm_head.warm_up(max_logit_rows)
         return (
-            warm_up_matmuls(body, max_num_tokens) + warm_up_matmuls(head, max_logit_rows) + num_head
+            warm_up_matmuls(body, max_num_tokens)
+            + warm_up_matmuls(head, max_logit_rows)
+            + num_packed
         )
 
     def pack_output_projection(self, max_rows: int) -> bool:
@@ -123,6 +129,21 @@ class CausalLM(nn.Module):
             return False
         self.lm_head = packed
         return True
+
+    def pack_decoder_projections(self, max_rows: int) -> int:
+        """Replaces each decoder projection (`Linear`, `MergedLinear`) with a `PackedLinear`
+        laid out for max_rows-row inputs; returns how many. The plain weight is dropped with
+        its module, so the model's size does not change. Quantized layers stay as they are."""
+        num_packed = 0
+        for parent in list(self.layers.modules()):
+            for name, child in list(parent.named_children()):
+                if not isinstance(child, Linear):
+                    continue
+                packed = pack_weight(child.weight, child.bias, max_rows)
+                if packed is not None:
+                    setattr(parent, name, packed)
+                    num_packed += 1
+        return num_packed
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Assign transformers-named tensors (already in the model dtype), then build buffers.

@@ -102,10 +102,12 @@ class PackedLinear(nn.Module):
 
     F.linear hands oneDNN a plain [out, in] weight, which it reorders for its kernel at every
     call: Gemma 3's 262,144 × 640 output projection costs 23 ms at one row and 24–33 ms at 16
-    that way, 14–18 ms reordered once (the same result, bit for bit). Used for the output
-    projection, one call a step: the packed op's per-call cost, which made it a loss for the
-    72 small decoder matmuls at one row (benchmarks/README.md), does not count there. Rows are
-    bucketed like `bucketed_linear` (oneDNN caches a primitive per shape here too).
+    that way, 14–18 ms reordered once (the same result, bit for bit, at decode sizes; a
+    prefill chunk of hundreds of rows may sum in another order). The decoder layers'
+    projections gain as much: their 72 matmuls in a step of the default model take 19.3 → 10.8
+    ms at one row and 20.2 → 13.5 ms at 16 (benchmarks/README.md). `max_rows` is the row count
+    oneDNN picks the layout for (a decode batch); larger inputs run on the same layout. Rows
+    are bucketed like `bucketed_linear` (oneDNN caches a primitive per shape here too).
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, max_rows: int) -> None:
@@ -114,6 +116,7 @@ class PackedLinear(nn.Module):
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, max_rows)
         self.bias = bias
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+        self.dtype = weight.dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return on_row_bucket(x, self._matmul)
@@ -123,11 +126,15 @@ class PackedLinear(nn.Module):
             x.contiguous(), self.packed, self.bias, "none", [], ""
         )
 
-    def warm_up(self, max_rows: int, dtype: torch.dtype) -> int:
+    def shape_key(self) -> tuple[int, int, torch.dtype, bool]:
+        """What oneDNN keys this layer's primitives on: layers alike share them."""
+        return self.in_features, self.out_features, self.dtype, self.bias is not None
+
+    def warm_up(self, max_rows: int) -> int:
         """Runs every row bucket up to max_rows once (see `warm_up_matmuls`)."""
         buckets = row_buckets(max_rows)
         for rows in buckets:
-            self(torch.zeros(rows, self.in_features, dtype=dtype))
+            self(torch.zeros(rows, self.in_features, dtype=self.dtype))
         return len(buckets)
 
 

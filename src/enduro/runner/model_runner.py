@@ -63,6 +63,10 @@ class ModelRunner:
         scheduler = config.scheduler
         max_logit_rows = max(scheduler.max_num_seqs, PROMPT_LOGPROBS_ROWS)
         self.packed_output_projection = self.model.pack_output_projection(max_logit_rows)
+        # Laid out for a decode batch, the step the engine runs most.
+        self.num_packed_projections = self.model.pack_decoder_projections(
+            scheduler.max_num_seqs
+        )
         self.load_seconds = time.monotonic() - started
         started = time.monotonic()
         self.num_warm_up_matmuls = self.model.warm_up(
