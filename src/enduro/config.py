@@ -42,6 +42,11 @@ class ModelConfig:
     activation, residual adds) with torch.compile: fewer, fused kernels a step, at the cost of
     a C++ compiler at start-up (tens of seconds the first time, cached on disk after)."""
 
+    native_kernels: bool = True
+    """Run decode attention in enduro's C kernel, straight from the paged KV cache (no gathered
+    copy of each context), built with the machine's C compiler at the first start (about a
+    second, cached on disk). Off, or without a compiler, attention runs on torch's SDPA."""
+
     def __post_init__(self) -> None:
         if self.threads is not None and self.threads < 1:
             raise ValueError("threads must be >= 1")

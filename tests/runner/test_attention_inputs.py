@@ -51,6 +51,12 @@ def test_window_tables_start_at_the_first_block_the_window_reaches() -> None:
     assert mask[1, 0, 0].int().tolist() == [0] + [1] * 6 + [0] * 5
     # The full-attention mask of request 0 covers all 18 keys.
     assert attn.masks[None][0, 0, 0].int().tolist() == [1] * 18 + [0] * 2
+    # What the decode kernel reads instead of masks: slot 0's position (block 3 → 12) and the
+    # first key the last token of each request sees (18 - 6, 9 - 6, none before 0).
+    assert attn.table_starts[6].tolist() == [12, 0, 0]
+    assert attn.key_starts[6].tolist() == [12, 3, 0]
+    assert attn.table_starts[None].tolist() == [0, 0, 0]
+    assert attn.key_starts[None].tolist() == [0, 0, 0]
 
 
 def test_window_gather_reads_the_same_keys_as_the_full_table() -> None:

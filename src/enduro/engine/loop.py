@@ -377,15 +377,17 @@ def _start(sock: socket.socket, config: EngineConfig, trace_memory: bool) -> Eng
     seconds = time.monotonic() - started
     runner = core.runner
     log.info(
-        "ready in %.1f s (%d matmul shapes built in %.1f s)",
+        "ready in %.1f s (%d matmul shapes built in %.1f s; decode attention on %s)",
         seconds,
         runner.num_warm_up_matmuls,
         runner.warm_up_seconds,
+        "the native kernel" if runner.native_kernels else "torch",
         extra={
             "event": "engine_ready",
             "seconds": seconds,
             "warm_up_matmuls": runner.num_warm_up_matmuls,
             "warm_up_matmul_seconds": runner.warm_up_seconds,
+            "native_kernels": runner.native_kernels,
         },
     )
     return loop

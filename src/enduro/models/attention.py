@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from enduro import native
 from enduro.models import fused
 from enduro.models.attention_metadata import AttentionMetadata
 from enduro.models.layers import Linear, MergedLinear, RMSNorm
@@ -53,6 +54,10 @@ def paged_attention(
     v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, attn.slot_mapping, v)
 
     num_requests, max_query_len = attn.num_requests, attn.max_query_len
+    if max_query_len == 1 and q.dtype == torch.bfloat16 and q.device.type == "cpu":
+        library = native.load()
+        if library is not None:
+            return decode_attention(library, q, kv_cache, attn, sliding_window, scale)
     # [R, num_blocks, block_size, Hkv, D] → [R, Hkv, S, D], S = num_blocks * block_size; a
     # sliding-window layer's tables start near the window, a global layer's at block 0.
     tables = attn.block_tables[sliding_window]
@@ -76,6 +81,44 @@ def paged_attention(
     # [R, Hq, max_query_len, D] → [R * max_query_len, Hq * D] → [T, Hq * D]
     out = out.transpose(1, 2).reshape(num_requests * max_query_len, num_heads * head_dim)
     return out[attn.padded_index]
+
+
+def decode_attention(
+    library: native.Library,
+    q: torch.Tensor,
+    kv_cache: KVCache,
+    attn: AttentionMetadata,
+    sliding_window: int | None,
+    scale: float,
+) -> torch.Tensor:
+    """A pure decode step's attention in the native kernel, read straight from the blocks
+    (no gathered copy of the context): q [R, Hq, D] → [R, Hq * D]. bf16 on CPU only."""
+    k_cache, v_cache = kv_cache
+    num_requests, num_heads, head_dim = q.shape
+    q = q.contiguous()
+    out = torch.empty_like(q)
+    tables = attn.block_tables[sliding_window]
+    table_starts, key_starts = attn.table_starts[sliding_window], attn.key_starts[sliding_window]
+    status = library.decode_attention(
+        q.data_ptr(),
+        k_cache.data_ptr(),
+        v_cache.data_ptr(),
+        tables.data_ptr(),
+        tables.shape[1],
+        table_starts.data_ptr(),
+        key_starts.data_ptr(),
+        attn.seq_lens.data_ptr(),
+        num_requests,
+        num_heads,
+        k_cache.shape[2],
+        head_dim,
+        k_cache.shape[1],
+        scale,
+        out.data_ptr(),
+    )
+    if status != 0:
+        raise MemoryError("decode attention: scratch memory could not be allocated")
+    return out.view(num_requests, num_heads * head_dim)
 
 
 class Attention(nn.Module):

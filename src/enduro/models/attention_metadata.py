@@ -31,6 +31,11 @@ class AttentionMetadata:
     # window's block tables, True = may attend, keyed by sliding window (None = full causal).
     # Padding query rows attend to the first key so softmax never sees an all-masked row.
     masks: dict[int | None, torch.Tensor]
+    # Per sliding window, [R]: the position of the key in slot 0 of each request's table, and
+    # the first key a request's last token attends (what a decode step's attention reads
+    # without the masks: keys key_starts[r] .. seq_lens[r] - 1).
+    table_starts: dict[int | None, torch.Tensor]
+    key_starts: dict[int | None, torch.Tensor]
 
     @property
     def num_requests(self) -> int:

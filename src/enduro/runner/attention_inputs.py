@@ -58,6 +58,8 @@ def build_attention_metadata(
     num_context_blocks = (seq_lens_t + block_size - 1) // block_size
     window_tables: dict[int | None, torch.Tensor] = {}
     masks: dict[int | None, torch.Tensor] = {}
+    table_starts: dict[int | None, torch.Tensor] = {}
+    key_starts: dict[int | None, torch.Tensor] = {}
     for window in set(windows):
         if window is None:
             first_block = torch.zeros(num_requests, dtype=torch.long)
@@ -78,6 +80,9 @@ def build_attention_metadata(
         # Padding query rows attend to their first key so softmax never sees an all-masked row.
         first_key = torch.arange(width * block_size).view(1, 1, 1, -1) == 0
         masks[window] = (mask | (padding_rows & first_key)).to(device)
+        table_starts[window] = (first_block * block_size).to(device)
+        last_key_start = seq_lens_t - window if window is not None else seq_lens_t * 0
+        key_starts[window] = last_key_start.clamp(min=0).to(device)
     metadata = AttentionMetadata(
         slot_mapping=slot_mapping.to(device),
         block_tables=window_tables,
@@ -86,5 +91,7 @@ def build_attention_metadata(
         padded_index=padded_index.to(device),
         max_query_len=max_query_len,
         masks=masks,
+        table_starts=table_starts,
+        key_starts=key_starts,
     )
     return metadata, positions.to(device)

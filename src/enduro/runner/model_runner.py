@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from enduro import native
 from enduro.config import EngineConfig
 from enduro.core.scheduler import SchedulerOutput
 from enduro.loading.loader import ModelFiles, open_model
@@ -51,6 +52,9 @@ class ModelRunner:
         # Compiled on first use: the engine's warm-up steps (engine/warmup.py) run every
         # stretch at the step sizes it will see, so no request waits for the C++ compiler.
         fused.use_compiled(config.model.compile)
+        native.use_native(config.model.native_kernels)
+        # Built (or found in the cache) now, not by the first request's decode step.
+        self.native_kernels = native.load() is not None
         self.dtype = resolve_dtype(config.model.dtype)
         started = time.monotonic()
         cache_dir = Path(config.model.cache_dir) if config.model.cache_dir else None
@@ -64,9 +68,7 @@ class ModelRunner:
         max_logit_rows = max(scheduler.max_num_seqs, PROMPT_LOGPROBS_ROWS)
         self.packed_output_projection = self.model.pack_output_projection(max_logit_rows)
         # Laid out for a decode batch, the step the engine runs most.
-        self.num_packed_projections = self.model.pack_decoder_projections(
-            scheduler.max_num_seqs
-        )
+        self.num_packed_projections = self.model.pack_decoder_projections(scheduler.max_num_seqs)
         self.load_seconds = time.monotonic() - started
         started = time.monotonic()
         self.num_warm_up_matmuls = self.model.warm_up(

@@ -1,0 +1,126 @@
+"""enduro's own CPU kernels, in C, built at run time with the machine's compiler.
+
+Built once per source, compiler and CPU into the cache directory (`ENDURO_CACHE_DIR`, else
+~/.cache/enduro) and loaded with ctypes: a build takes about a second, not the half minute
+a torch C++ extension's headers cost, and needs no Python headers. `-march=native` is safe
+because the library is built on the machine that runs it (the CPU's flags are in the cache
+key). Without a compiler, or if the build fails, `load()` returns None and callers keep
+their torch path; the reason is logged once.
+
+Kernels: `decode_attention` (attention of one new token per request straight from the paged
+KV cache, `decode_attention.c`).
+"""
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from enduro.loading.loader import default_cache_dir
+
+logger = logging.getLogger(__name__)
+
+SOURCES = ("decode_attention.c",)
+CFLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c11")
+
+_enabled = True
+
+
+def use_native(enabled: bool) -> None:
+    """Process-wide switch (`--native-kernels`): with False, `load()` returns None."""
+    global _enabled
+    _enabled = enabled
+
+
+@dataclass(frozen=True)
+class Library:
+    path: Path
+    decode_attention: "ctypes._NamedFuncPointer"
+
+
+def load() -> Library | None:
+    """The built kernels, or None (switched off, no compiler, or a failed build)."""
+    return _load() if _enabled else None
+
+
+def _cpu_signature() -> str:
+    """What -march=native depends on: the CPU's model and flags."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor()
+    lines = [line for line in info.splitlines() if line.startswith(("model name", "flags"))]
+    return "\n".join(sorted(set(lines)))
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
+
+
+@functools.cache
+def _load() -> Library | None:
+    compiler = _compiler()
+    if compiler is None:
+        logger.warning("no C compiler found: native kernels off, attention runs on torch")
+        return None
+    package = resources.files(__name__)
+    sources = {name: package.joinpath(name).read_text() for name in SOURCES}
+    try:
+        version = subprocess.run(
+            [compiler, "--version"], capture_output=True, text=True, check=True
+        ).stdout
+    except (OSError, subprocess.CalledProcessError) as error:
+        logger.warning("C compiler %s unusable (%s): native kernels off", compiler, error)
+        return None
+    key = hashlib.sha256(
+        "\0".join([*sources.values(), version, " ".join(CFLAGS), _cpu_signature()]).encode()
+    ).hexdigest()[:16]
+    path = default_cache_dir() / "native" / f"enduro_native-{key}.so"
+    if not path.exists():
+        try:
+            _build(compiler, sources, path)
+        except (OSError, subprocess.CalledProcessError) as error:
+            detail = getattr(error, "stderr", "") or error
+            logger.warning("building native kernels failed: %s; attention runs on torch", detail)
+            return None
+    return _bind(path)
+
+
+def _build(compiler: str, sources: dict[str, str], path: Path) -> None:
+    """Compiles into a temporary file, then renames it: processes racing to build (the
+    engine and a test) never load a half-written library."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent) as scratch:
+        files = []
+        for name, text in sources.items():
+            (Path(scratch) / name).write_text(text)
+            files.append(str(Path(scratch) / name))
+        built = Path(scratch) / path.name
+        subprocess.run(
+            [compiler, *CFLAGS, *files, "-o", str(built), "-lm"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        os.replace(built, path)
+
+
+def _bind(path: Path) -> Library:
+    # torch is imported first, so "libgomp.so.1" resolves to the OpenMP runtime it loaded.
+    assert torch.get_num_threads() >= 1
+    lib = ctypes.CDLL(str(path))
+    fn = lib.enduro_decode_attention
+    pointer, i64 = ctypes.c_void_p, ctypes.c_int64
+    fn.argtypes = [pointer] * 4 + [i64] + [pointer] * 3 + [i64] * 5 + [ctypes.c_float, pointer]
+    fn.restype = ctypes.c_int
+    return Library(path, fn)

@@ -1,0 +1,139 @@
+/* Decode attention over enduro's paged KV cache: one query token per request, bf16 in and
+ * out, float32 inside. Built at run time by enduro/native/__init__.py with the machine's C
+ * compiler (-O3 -march=native -fopenmp) and called through ctypes.
+ *
+ * Why: torch has no paged attention on CPU, so the eager path copies every request's blocks
+ * into one padded tensor (index_select) and then runs scaled_dot_product_attention on the
+ * copy: each K/V byte is read twice and written once. Here each is read once, straight from
+ * its block.
+ *
+ * The OpenMP runtime is the one torch already loaded (the soname libgomp.so.1 resolves to
+ * the library in the process), so these threads are torch's intra-op threads.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+
+static inline float bf16_to_float(uint16_t x) {
+    union { uint32_t u; float f; } v;
+    v.u = (uint32_t)x << 16;
+    return v.f;
+}
+
+/* Round to nearest even, like torch's float → bfloat16 cast; NaN stays NaN. */
+static inline uint16_t float_to_bf16(float f) {
+    union { uint32_t u; float f; } v;
+    v.f = f;
+    if ((v.u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((v.u >> 16) | 0x40u);
+    v.u += 0x7fffu + ((v.u >> 16) & 1u);
+    return (uint16_t)(v.u >> 16);
+}
+
+/* row[0:n] = bf16 src as float32; n is the head dim. */
+static inline void load_row(float *row, const uint16_t *src, int64_t n) {
+    int64_t d = 0;
+#ifdef __AVX512F__
+    /* bf16 is the high half of a float32: widen each 16-bit lane and shift it up. */
+    for (; d + 16 <= n; d += 16) {
+        __m256i half = _mm256_loadu_si256((const __m256i *)(src + d));
+        __m512i wide = _mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16);
+        _mm512_storeu_ps(row + d, _mm512_castsi512_ps(wide));
+    }
+#endif
+    for (; d < n; d++) row[d] = bf16_to_float(src[d]);
+}
+
+static inline float dot(const float *a, const float *b, int64_t n) {
+    int64_t d = 0;
+    float s = 0.0f;
+#ifdef __AVX512F__
+    __m512 acc = _mm512_setzero_ps();
+    for (; d + 16 <= n; d += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + d), _mm512_loadu_ps(b + d), acc);
+    s = _mm512_reduce_add_ps(acc);
+#endif
+    for (; d < n; d++) s += a[d] * b[d];
+    return s;
+}
+
+/* acc[0:n] += w * row[0:n] */
+static inline void axpy(float *acc, float w, const float *row, int64_t n) {
+    int64_t d = 0;
+#ifdef __AVX512F__
+    __m512 weight = _mm512_set1_ps(w);
+    for (; d + 16 <= n; d += 16)
+        _mm512_storeu_ps(acc + d, _mm512_fmadd_ps(weight, _mm512_loadu_ps(row + d), _mm512_loadu_ps(acc + d)));
+#endif
+    for (; d < n; d++) acc[d] += w * row[d];
+}
+
+/*
+ * q:            [R, Hq, D] bf16, the step's queries (one per request)
+ * k_cache:      [num_blocks, block_size, Hkv, D] bf16 (v_cache alike)
+ * tables:       [R, table_width] int64 block ids; slot 0 holds position table_starts[r]
+ * key_starts:   [R] first key position each request attends (0, or the window's start)
+ * seq_lens:     [R] keys in each request's context, this step's token included
+ * out:          [R, Hq, D] bf16
+ * Query head i reads KV head i / (Hq / Hkv), as torch's enable_gqa does.
+ * Returns 0, or -1 if a request's scratch could not be allocated.
+ */
+int enduro_decode_attention(const uint16_t *q, const uint16_t *k_cache, const uint16_t *v_cache,
+                            const int64_t *tables, int64_t table_width,
+                            const int64_t *table_starts, const int64_t *key_starts,
+                            const int64_t *seq_lens, int64_t num_requests, int64_t num_heads,
+                            int64_t num_kv_heads, int64_t head_dim, int64_t block_size, float scale,
+                            uint16_t *out) {
+    const int64_t group = num_heads / num_kv_heads;
+    const int64_t num_tasks = num_requests * num_kv_heads;
+    int failed = 0;
+#pragma omp parallel for schedule(dynamic, 1) reduction(| : failed)
+    for (int64_t task = 0; task < num_tasks; task++) {
+        const int64_t r = task / num_kv_heads, h = task % num_kv_heads;
+        const int64_t start = key_starts[r], n = seq_lens[r] - key_starts[r];
+        /* queries (scaled), one K/V row, the group's accumulators, then its scores */
+        float *scratch = malloc(sizeof(float) * (size_t)(group * head_dim * 2 + head_dim + group * n));
+        if (scratch == NULL) {
+            failed = 1;
+            continue;
+        }
+        float *qf = scratch, *row = qf + group * head_dim, *acc = row + head_dim;
+        float *scores = acc + group * head_dim;
+        for (int64_t g = 0; g < group; g++) {
+            const uint16_t *qg = q + (r * num_heads + h * group + g) * head_dim;
+            for (int64_t d = 0; d < head_dim; d++) qf[g * head_dim + d] = bf16_to_float(qg[d]) * scale;
+        }
+        const int64_t *table = tables + r * table_width;
+        for (int64_t i = 0; i < n; i++) {
+            const int64_t index = start + i - table_starts[r];
+            const int64_t slot = table[index / block_size] * block_size + index % block_size;
+            const uint16_t *k = k_cache + (slot * num_kv_heads + h) * head_dim;
+            load_row(row, k, head_dim);
+            for (int64_t g = 0; g < group; g++) scores[g * n + i] = dot(qf + g * head_dim, row, head_dim);
+        }
+        for (int64_t g = 0; g < group; g++) {
+            float *sg = scores + g * n, top = sg[0], total = 0.0f;
+            for (int64_t i = 1; i < n; i++) top = sg[i] > top ? sg[i] : top;
+            for (int64_t i = 0; i < n; i++) {
+                sg[i] = expf(sg[i] - top);
+                total += sg[i];
+            }
+            for (int64_t i = 0; i < n; i++) sg[i] /= total;
+        }
+        for (int64_t j = 0; j < group * head_dim; j++) acc[j] = 0.0f;
+        for (int64_t i = 0; i < n; i++) {
+            const int64_t index = start + i - table_starts[r];
+            const int64_t slot = table[index / block_size] * block_size + index % block_size;
+            const uint16_t *v = v_cache + (slot * num_kv_heads + h) * head_dim;
+            load_row(row, v, head_dim);
+            for (int64_t g = 0; g < group; g++) axpy(acc + g * head_dim, scores[g * n + i], row, head_dim);
+        }
+        for (int64_t g = 0; g < group; g++) {
+            uint16_t *og = out + (r * num_heads + h * group + g) * head_dim;
+            for (int64_t d = 0; d < head_dim; d++) og[d] = float_to_bf16(acc[g * head_dim + d]);
+        }
+        free(scratch);
+    }
+    return failed ? -1 : 0;
+}

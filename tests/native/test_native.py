@@ -1,0 +1,134 @@
+"""The native decode attention against torch's path, and how the library is built and found."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from enduro import native
+from enduro.models.attention import paged_attention
+from enduro.runner.attention_inputs import build_attention_metadata
+
+BLOCK_SIZE = 16
+
+
+@pytest.fixture(autouse=True)
+def native_on() -> Iterator[None]:
+    native.use_native(True)
+    yield
+    native.use_native(True)
+
+
+def attend(
+    seq_lens: list[int],
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    window: int | None,
+    use_native: bool,
+) -> torch.Tensor:
+    """One decode step's attention over random caches, blocks in a shuffled order."""
+    generator = torch.Generator().manual_seed(0)
+    num_blocks = sum(-(-n // BLOCK_SIZE) for n in seq_lens) + 3
+    shape = (num_blocks, BLOCK_SIZE, num_kv_heads, head_dim)
+    k_cache = torch.randn(shape, generator=generator).bfloat16()
+    v_cache = torch.randn(shape, generator=generator).bfloat16()
+    order = torch.randperm(num_blocks, generator=generator).tolist()
+    tables = []
+    for n in seq_lens:
+        count = -(-n // BLOCK_SIZE)
+        tables.append(order[:count])
+        order = order[count:]
+    attn, _ = build_attention_metadata([1] * len(seq_lens), seq_lens, tables, BLOCK_SIZE, [window])
+    rows = len(seq_lens)
+    q = torch.randn(rows, num_heads, head_dim, generator=generator).bfloat16()
+    k = torch.randn(rows, num_kv_heads, head_dim, generator=generator).bfloat16()
+    v = torch.randn(rows, num_kv_heads, head_dim, generator=generator).bfloat16()
+    native.use_native(use_native)
+    return paged_attention(q, k, v, (k_cache, v_cache), attn, window, head_dim**-0.5)
+
+
+@pytest.mark.parametrize(
+    ("num_heads", "num_kv_heads", "head_dim"),
+    [(4, 1, 256), (8, 2, 64), (4, 4, 80), (6, 3, 24)],  # Gemma 3 270M; GQA; MHA; odd dims
+)
+@pytest.mark.parametrize("window", [None, 20])
+def test_decode_attention_matches_torch(
+    num_heads: int, num_kv_heads: int, head_dim: int, window: int | None
+) -> None:
+    assert native.load() is not None
+    # One key, a partial block, whole blocks, a context past the window.
+    seq_lens = [1, 7, 16, 33, 100]
+    expected = attend(seq_lens, num_heads, num_kv_heads, head_dim, window, use_native=False)
+    out = attend(seq_lens, num_heads, num_kv_heads, head_dim, window, use_native=True)
+    assert out.shape == expected.shape == (5, num_heads * head_dim)
+    assert out.dtype == torch.bfloat16
+    # Both sum in float32 in another order and round once to bf16: within one bf16 step
+    # (2^-8 relative) of the larger output; measured at most one step.
+    tolerance = 2**-7 * expected.float().abs().clamp(min=1.0)
+    assert ((out.float() - expected.float()).abs() <= tolerance).all()
+
+
+def test_a_window_hides_every_key_before_it() -> None:
+    # Changing the values outside a request's window must not change its output.
+    generator = torch.Generator().manual_seed(1)
+    k_cache = torch.randn(4, BLOCK_SIZE, 1, 32, generator=generator).bfloat16()
+    v_cache = torch.randn(4, BLOCK_SIZE, 1, 32, generator=generator).bfloat16()
+    attn, _ = build_attention_metadata([1], [40], [[2, 0, 3]], BLOCK_SIZE, [10])
+    q = torch.randn(1, 2, 32, generator=generator).bfloat16()
+    k, v = k_cache[3, 7:8].clone(), v_cache[3, 7:8].clone()  # position 39 writes itself back
+    out = paged_attention(q, k, v, (k_cache, v_cache), attn, 10, 0.2)
+    v_cache[2] = 1000.0  # positions 0..15
+    v_cache[0, :14] = -1000.0  # positions 16..29; the window starts at 30
+    assert torch.equal(paged_attention(q, k, v, (k_cache, v_cache), attn, 10, 0.2), out)
+
+
+# A fresh process (load() is cached per process) with its own cache directory.
+BUILD = textwrap.dedent("""
+    import json, sys, time
+    from enduro import native
+    started = time.monotonic()
+    library = native.load()
+    print(json.dumps({"built": library is not None, "seconds": time.monotonic() - started,
+                      "path": str(library.path) if library else None}))
+""")
+
+
+def run_build(cache_dir: Path, **env: str) -> dict[str, object]:
+    out = subprocess.run(
+        [sys.executable, "-c", BUILD],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "ENDURO_CACHE_DIR": str(cache_dir), **env},
+    )
+    result: dict[str, object] = json.loads(out.stdout)
+    return result
+
+
+def test_the_library_is_built_once_into_the_cache_and_reused(tmp_path: Path) -> None:
+    first = run_build(tmp_path)
+    assert first["built"] is True
+    path = Path(str(first["path"]))
+    assert path.parent == tmp_path / "native" and path.suffix == ".so"
+    built_at = path.stat().st_mtime_ns
+    second = run_build(tmp_path)
+    assert second["path"] == first["path"] and path.stat().st_mtime_ns == built_at
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no leftovers
+
+
+def test_without_a_compiler_attention_falls_back_to_torch(tmp_path: Path) -> None:
+    result = run_build(tmp_path, CC=str(tmp_path / "no-such-compiler"))
+    assert result["built"] is False
+    assert not (tmp_path / "native").exists() or not any((tmp_path / "native").iterdir())
+
+
+def test_switched_off_load_returns_none() -> None:
+    native.use_native(False)
+    assert native.load() is None
