@@ -10,7 +10,7 @@ import torch
 from torch._dynamo.utils import counters
 from transformers import AutoModelForCausalLM
 
-from enduro import SamplingParams
+from enduro import SamplingParams, native
 from enduro.models import fused
 from tests.engine.reference import hf_greedy
 from tests.engine.test_llm import PROMPTS, tiny_llm
@@ -52,6 +52,7 @@ def inputs(num_tokens: int, dtype: torch.dtype, seed: int) -> dict[str, Any]:
         "cos": angles.cos(),
         "sin": angles.sin(),
         "head_weight": rand(HEAD_DIM),
+        "head_dim": HEAD_DIM,
         "gate_up": rand(num_tokens, 2 * HIDDEN),
     }
 
@@ -69,12 +70,12 @@ def calls(a: dict[str, Any]) -> dict[str, Callable[[fused.FusedOps], Any]]:
             a["residual"], a["x"], a["weight"], a["next_weight"], 1e-6, True
         ),
         "qk_norm_rotary neox": lambda ops: ops.qk_norm_rotary(
-            a["qkv"], a["sizes"], HEAD_DIM, a["cos"], a["sin"], None, None, 1e-6, False, False
+            a["qkv"], a["sizes"], a["head_dim"], a["cos"], a["sin"], None, None, 1e-6, False, False
         ),
         "qk_norm_rotary normed interleaved": lambda ops: ops.qk_norm_rotary(
             a["qkv"],
             a["sizes"],
-            HEAD_DIM,
+            a["head_dim"],
             a["cos"],
             a["sin"],
             a["head_weight"],
@@ -109,7 +110,48 @@ def test_compiled_functions_match_eager(compiled_ops: fused.FusedOps) -> None:
                 torch.testing.assert_close(g, e, atol=ATOL, rtol=RTOL, msg=name)
 
 
+@pytest.mark.parametrize("dims", [(HIDDEN, HEAD_DIM), (640, 256), (70, 24)])
+def test_native_norms_equal_eager_bit_for_bit(dims: tuple[int, int]) -> None:
+    # The default model's widths run the vector path; 70 and 24 (not multiples of 16) the
+    # scalar one. Same arithmetic and rounding points: equal, not merely close.
+    hidden, head_dim = dims
+    library = native.load()
+    assert library is not None
+    native_ops = fused.FusedOps(compiled=False, norms=fused.NativeNorms(library))
+    for seed, num_tokens in enumerate((1, 3, 16)):
+        g = torch.Generator().manual_seed(seed)
+        a = inputs(num_tokens, torch.bfloat16, seed)
+        a["x"] = (torch.randn(num_tokens, hidden, generator=g) * 4).bfloat16()
+        a["residual"] = torch.randn(num_tokens, hidden, generator=g).bfloat16()
+        a["weight"], a["next_weight"] = torch.randn(2, hidden, generator=g).bfloat16()
+        q_size, kv_size = HEADS * head_dim, KV_HEADS * head_dim
+        a["qkv"] = torch.randn(num_tokens, q_size + 2 * kv_size, generator=g).bfloat16()
+        a["sizes"] = (q_size, kv_size, kv_size)
+        a["head_weight"] = torch.randn(head_dim, generator=g).bfloat16()
+        a["head_dim"] = head_dim
+        for name, call in calls(a).items():
+            expected, got = as_tuple(call(fused.EAGER)), as_tuple(call(native_ops))
+            for e, n in zip(expected, got, strict=True):
+                assert n.dtype == e.dtype and n.shape == e.shape, name
+                assert torch.equal(n, e), name
+    # float32 is left to the eager functions.
+    x = torch.randn(2, hidden)
+    weight = torch.randn(hidden)
+    assert torch.equal(
+        native_ops.rms_norm(x, weight, 1e-6, True), fused.rms_norm(x, weight, 1e-6, True)
+    )
+
+
+def test_the_engine_runs_native_norms_unless_compiled_or_switched_off() -> None:
+    library = native.load()
+    fused.use_compiled(False, library)
+    assert isinstance(fused.ops.rms_norm.__self__, fused.NativeNorms)
+    fused.use_compiled(False, None)
+    assert fused.ops is fused.EAGER
+
+
 def test_the_switch_is_process_wide_and_builds_the_compiled_set_once() -> None:
+    fused.use_compiled(False)
     assert fused.ops is fused.EAGER
     fused.use_compiled(True)
     first = fused.ops

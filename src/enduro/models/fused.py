@@ -23,6 +23,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from enduro import native
+
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "silu": F.silu,
     "gelu": F.gelu,
@@ -45,12 +47,20 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, unit_offset: boo
     return weight * F.rms_norm(x32, x.shape[-1:], None, eps).to(x.dtype)
 
 
+Norm = Callable[[torch.Tensor, torch.Tensor, float, bool], torch.Tensor]
+
+
 def add_rms_norm(
-    residual: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: float, unit_offset: bool
+    residual: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    unit_offset: bool,
+    norm: Norm = rms_norm,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(h, norm(h)) with h = residual + x: a pre-norm layer's residual add and the next norm."""
     h = residual + x
-    return h, rms_norm(h, weight, eps, unit_offset)
+    return h, norm(h, weight, eps, unit_offset)
 
 
 def add_normed(
@@ -67,10 +77,14 @@ def add_normed_then_norm(
     next_weight: torch.Tensor,
     eps: float,
     unit_offset: bool,
+    add_normed: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float, bool], torch.Tensor] = (
+        add_normed
+    ),
+    norm: Norm = rms_norm,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(h, norm'(h)) with h = residual + norm(x): between a sandwich layer's attention and MLP."""
-    h = residual + rms_norm(x, weight, eps, unit_offset)
-    return h, rms_norm(h, next_weight, eps, unit_offset)
+    h = add_normed(residual, x, weight, eps, unit_offset)
+    return h, norm(h, next_weight, eps, unit_offset)
 
 
 def apply_rotary(
@@ -109,16 +123,17 @@ def qk_norm_rotary(
     eps: float,
     unit_offset: bool,
     interleaved: bool,
+    norm: Norm = rms_norm,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The fused q|k|v projection's output → q [T, Hq, D], k, v [T, Hkv, D]: split, per-head
-    norms of q and k when the model has them, then the rotary embedding of q and k."""
+    norms of q and k (`norm`) when the model has them, then the rotary embedding of q and k."""
     num_tokens = qkv.shape[0]
     q, k, v = qkv.split(sizes, dim=-1)
     q = q.view(num_tokens, sizes[0] // head_dim, head_dim)
     k = k.view(num_tokens, sizes[1] // head_dim, head_dim)
     v = v.view(num_tokens, sizes[2] // head_dim, head_dim)
     if q_norm is not None and k_norm is not None:
-        q, k = rms_norm(q, q_norm, eps, unit_offset), rms_norm(k, k_norm, eps, unit_offset)
+        q, k = norm(q, q_norm, eps, unit_offset), norm(k, k_norm, eps, unit_offset)
     q = apply_rotary(q, cos, sin, interleaved)
     k = apply_rotary(k, cos, sin, interleaved)
     return q, k, v
@@ -130,10 +145,73 @@ def act_and_mul(gate_up: torch.Tensor, act: str) -> torch.Tensor:
     return ACTIVATIONS[act](gate) * up
 
 
+class NativeNorms:
+    """The norms above in enduro's C kernel (`native/rms_norm.c`) for bf16 on CPU, the eager
+    functions otherwise. Agrees with the eager versions to one bf16 step (the sum of squares
+    runs in another order), in one call instead of ≈6 ops."""
+
+    def __init__(self, library: native.Library) -> None:
+        self.library = library
+
+    def _runs(self, x: torch.Tensor) -> bool:
+        return x.dtype == torch.bfloat16 and x.device.type == "cpu"
+
+    def _norm(
+        self,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        eps: float,
+        unit_offset: bool,
+        residual: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        dim = x.shape[-1]
+        if x.dim() == 3 and x.stride(1) == dim and x.stride(2) == 1:
+            # [T, H, D] heads read in place (q or k split off the fused projection).
+            inner, outer_stride = x.shape[1], x.stride(0)
+        else:
+            x = x.contiguous()
+            inner, outer_stride = 1, dim
+        out = torch.empty(x.shape, dtype=x.dtype)
+        if residual is not None:
+            residual = residual.contiguous()
+        self.library.rms_norm(
+            x.data_ptr(),
+            x.numel() // dim,
+            dim,
+            inner,
+            outer_stride,
+            weight.contiguous().data_ptr(),
+            eps,
+            int(unit_offset),
+            residual.data_ptr() if residual is not None else None,
+            out.data_ptr(),
+        )
+        return out
+
+    def rms_norm(
+        self, x: torch.Tensor, weight: torch.Tensor, eps: float, unit_offset: bool
+    ) -> torch.Tensor:
+        if not self._runs(x):
+            return rms_norm(x, weight, eps, unit_offset)
+        return self._norm(x, weight, eps, unit_offset)
+
+    def add_normed(
+        self,
+        residual: torch.Tensor,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        eps: float,
+        unit_offset: bool,
+    ) -> torch.Tensor:
+        if not self._runs(x) or residual.dtype != x.dtype:
+            return add_normed(residual, x, weight, eps, unit_offset)
+        return self._norm(x, weight, eps, unit_offset, residual)
+
+
 class FusedOps:
     """The functions above, as the layers call them: `ops.rms_norm(...)` and so on."""
 
-    def __init__(self, compiled: bool) -> None:
+    def __init__(self, compiled: bool, norms: NativeNorms | None = None) -> None:
         self.compiled = compiled
         wrap: Callable[[Any], Any] = _compile if compiled else (lambda fn: fn)
         self.rms_norm = wrap(rms_norm)
@@ -142,6 +220,15 @@ class FusedOps:
         self.add_normed_then_norm = wrap(add_normed_then_norm)
         self.qk_norm_rotary = wrap(qk_norm_rotary)
         self.act_and_mul = wrap(act_and_mul)
+        if norms is not None:
+            # The eager stretches, with the native norm (and norm-then-add) inside.
+            self.rms_norm = norms.rms_norm
+            self.add_rms_norm = partial(add_rms_norm, norm=norms.rms_norm)
+            self.add_normed = norms.add_normed
+            self.add_normed_then_norm = partial(
+                add_normed_then_norm, add_normed=norms.add_normed, norm=norms.rms_norm
+            )
+            self.qk_norm_rotary = partial(qk_norm_rotary, norm=norms.rms_norm)
 
 
 def _compile(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -158,12 +245,13 @@ EAGER = FusedOps(compiled=False)
 ops = EAGER
 
 
-def use_compiled(enabled: bool) -> None:
+def use_compiled(enabled: bool, library: native.Library | None = None) -> None:
     """Make the layers call compiled (True) or eager (False) versions from now on. The
-    compiled set is built once per process, so switching back and forth compiles nothing new."""
+    compiled set is built once per process, so switching back and forth compiles nothing new.
+    Eager, with a native `library`, the norms run in its kernel (`NativeNorms`)."""
     global ops, _compiled_ops
     if not enabled:
-        ops = EAGER
+        ops = FusedOps(compiled=False, norms=NativeNorms(library)) if library else EAGER
         return
     if _compiled_ops is None:
         _compiled_ops = FusedOps(compiled=True)

@@ -8,7 +8,8 @@ key). Without a compiler, or if the build fails, `load()` returns None and calle
 their torch path; the reason is logged once.
 
 Kernels: `decode_attention` (attention of one new token per request straight from the paged
-KV cache, `decode_attention.c`).
+KV cache, `decode_attention.c`) and `rms_norm` (a whole norm, and the residual add after it,
+in one call, `rms_norm.c`).
 """
 
 import ctypes
@@ -30,7 +31,8 @@ from enduro.loading.loader import default_cache_dir
 
 logger = logging.getLogger(__name__)
 
-SOURCES = ("decode_attention.c",)
+SOURCES = ("decode_attention.c", "rms_norm.c")
+HEADERS = ("bf16.h",)
 CFLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c11")
 
 _enabled = True
@@ -46,6 +48,7 @@ def use_native(enabled: bool) -> None:
 class Library:
     path: Path
     decode_attention: "ctypes._NamedFuncPointer"
+    rms_norm: "ctypes._NamedFuncPointer"
 
 
 def load() -> Library | None:
@@ -74,7 +77,7 @@ def _load() -> Library | None:
         logger.warning("no C compiler found: native kernels off, attention runs on torch")
         return None
     package = resources.files(__name__)
-    sources = {name: package.joinpath(name).read_text() for name in SOURCES}
+    sources = {name: package.joinpath(name).read_text() for name in SOURCES + HEADERS}
     try:
         version = subprocess.run(
             [compiler, "--version"], capture_output=True, text=True, check=True
@@ -104,7 +107,8 @@ def _build(compiler: str, sources: dict[str, str], path: Path) -> None:
         files = []
         for name, text in sources.items():
             (Path(scratch) / name).write_text(text)
-            files.append(str(Path(scratch) / name))
+            if name in SOURCES:  # headers are included, not compiled
+                files.append(str(Path(scratch) / name))
         built = Path(scratch) / path.name
         subprocess.run(
             [compiler, *CFLAGS, *files, "-o", str(built), "-lm"],
@@ -123,4 +127,18 @@ def _bind(path: Path) -> Library:
     pointer, i64 = ctypes.c_void_p, ctypes.c_int64
     fn.argtypes = [pointer] * 4 + [i64] + [pointer] * 3 + [i64] * 5 + [ctypes.c_float, pointer]
     fn.restype = ctypes.c_int
-    return Library(path, fn)
+    norm = lib.enduro_rms_norm
+    norm.argtypes = [
+        pointer,
+        i64,
+        i64,
+        i64,
+        i64,
+        pointer,
+        ctypes.c_float,
+        ctypes.c_int,
+        pointer,
+        pointer,
+    ]
+    norm.restype = None
+    return Library(path, fn, norm)

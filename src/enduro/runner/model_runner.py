@@ -51,10 +51,11 @@ class ModelRunner:
         self.device = torch.device(config.model.device)
         # Compiled on first use: the engine's warm-up steps (engine/warmup.py) run every
         # stretch at the step sizes it will see, so no request waits for the C++ compiler.
-        fused.use_compiled(config.model.compile)
         native.use_native(config.model.native_kernels)
         # Built (or found in the cache) now, not by the first request's decode step.
-        self.native_kernels = native.load() is not None
+        library = native.load()
+        self.native_kernels = library is not None
+        fused.use_compiled(config.model.compile, library)
         self.dtype = resolve_dtype(config.model.dtype)
         started = time.monotonic()
         cache_dir = Path(config.model.cache_dir) if config.model.cache_dir else None
