@@ -1,6 +1,7 @@
 """Medians of the alternating rounds of `compare.sh c16-repeats`, one line per server.
 
   .venv/bin/python benchmarks/baselines/repeats_summary.py [DIR] [--baseline llama-server]
+      [--first-round N]
 
 DIR holds `<server>-<round>.json` from `enduro bench serve` (default:
 results/chat-c16-repeats). Rounds alternate the servers, so the ratio of each round's
@@ -42,8 +43,15 @@ def main() -> int:
         "directory", nargs="?", type=Path, default=here / "results/chat-c16-repeats"
     )
     parser.add_argument("--baseline", default="llama-server")
+    parser.add_argument(
+        "--first-round", type=int, default=1, help="leave out earlier rounds (older code)"
+    )
     args = parser.parse_args()
-    servers = read_rounds(args.directory)
+    servers = {
+        server: {r: figures for r, figures in rounds.items() if r >= args.first_round}
+        for server, rounds in read_rounds(args.directory).items()
+    }
+    servers = {server: rounds for server, rounds in servers.items() if rounds}
     baseline = servers.get(args.baseline, {})
     print(
         "| server | tok/s per round | median tok/s | median TPOT p50 | median TTFT p50 "
