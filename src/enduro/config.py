@@ -43,9 +43,10 @@ class ModelConfig:
     a C++ compiler at start-up (tens of seconds the first time, cached on disk after)."""
 
     native_kernels: bool = True
-    """Run decode attention in enduro's C kernel, straight from the paged KV cache (no gathered
-    copy of each context), built with the machine's C compiler at the first start (about a
-    second, cached on disk). Off, or without a compiler, attention runs on torch's SDPA."""
+    """Run decode attention (straight from the paged KV cache, no gathered copy of each
+    context) and the RMSNorms in enduro's C kernels, built with the machine's C compiler at the
+    first start (about a second, cached on disk); bf16 on CPU. Off, or without a compiler,
+    torch's SDPA and ops run instead."""
 
     def __post_init__(self) -> None:
         if self.threads is not None and self.threads < 1:

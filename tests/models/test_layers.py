@@ -65,15 +65,28 @@ def test_warm_up_runs_each_half_precision_shape_once_per_bucket() -> None:
 
 
 # Run in a fresh process: the primitive cache is process-wide, so other tests' matmuls would
-# already have built some of these shapes.
-PRIMITIVES = textwrap.dedent("""
+# already have built some of these shapes. Each script prints (growth from the warm-up, growth
+# from 300 random step sizes after it) in MiB; argv[1] is "warm" or "cold".
+RSS_MIB = textwrap.dedent("""
     import random, sys, torch
-    from enduro.models.layers import bucketed_linear, warm_up_matmuls
 
     def rss_mib():
         for line in open("/proc/self/status"):
             if line.startswith("RssAnon"):
                 return int(line.split()[1]) / 1024
+""")
+
+
+def rss_growth(script: str, mode: str) -> tuple[float, float]:
+    out = subprocess.run(
+        [sys.executable, "-c", RSS_MIB + script, mode], capture_output=True, text=True, check=True
+    )
+    warm_up, traffic = out.stdout.split()
+    return float(warm_up), float(traffic)
+
+
+PRIMITIVES = textwrap.dedent("""
+    from enduro.models.layers import bucketed_linear, warm_up_matmuls
 
     weight = torch.randn(2048, 640, dtype=torch.bfloat16)
     start = rss_mib()
@@ -89,15 +102,8 @@ PRIMITIVES = textwrap.dedent("""
 
 
 def test_after_the_warm_up_new_step_sizes_add_no_memory() -> None:
-    def growth(mode: str) -> tuple[float, float]:
-        out = subprocess.run(
-            [sys.executable, "-c", PRIMITIVES, mode], capture_output=True, text=True, check=True
-        )
-        warm_up, traffic = out.stdout.split()
-        return float(warm_up), float(traffic)
-
-    cold_warm_up, cold_traffic = growth("cold")
-    warm_up, traffic = growth("warm")
+    cold_warm_up, cold_traffic = rss_growth(PRIMITIVES, "cold")
+    warm_up, traffic = rss_growth(PRIMITIVES, "warm")
     # Measured: 29 primitives of this shape ≈ 22 MiB; 300 random step sizes grow a cold
     # process by ≈15 MiB and a warmed one by -2 to +2 MiB.
     assert abs(cold_warm_up) < 1 and warm_up > 12
@@ -107,13 +113,7 @@ def test_after_the_warm_up_new_step_sizes_add_no_memory() -> None:
 # Two packed layers of one shape: warming the first must build the second's primitives too,
 # which is what lets `CausalLM.warm_up` run one layer of each shape.
 PACKED_PRIMITIVES = textwrap.dedent("""
-    import random, sys, torch
     from enduro.models.layers import PackedLinear
-
-    def rss_mib():
-        for line in open("/proc/self/status"):
-            if line.startswith("RssAnon"):
-                return int(line.split()[1]) / 1024
 
     warmed_layer, other = (
         PackedLinear(torch.randn(2048, 640, dtype=torch.bfloat16), None, 16) for _ in range(2)
@@ -130,18 +130,8 @@ PACKED_PRIMITIVES = textwrap.dedent("""
 
 
 def test_warming_one_packed_layer_serves_every_layer_of_its_shape() -> None:
-    def growth(mode: str) -> tuple[float, float]:
-        out = subprocess.run(
-            [sys.executable, "-c", PACKED_PRIMITIVES, mode],
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        warm_up, traffic = out.stdout.split()
-        return float(warm_up), float(traffic)
-
-    cold_warm_up, cold_traffic = growth("cold")
-    warm_up, traffic = growth("warm")
+    cold_warm_up, cold_traffic = rss_growth(PACKED_PRIMITIVES, "cold")
+    warm_up, traffic = rss_growth(PACKED_PRIMITIVES, "warm")
     # Measured: the warm-up adds ≈21 MiB; 300 random step sizes on the other layer then add
     # ≈4 MiB, against ≈15.5 MiB in a process that skipped it.
     assert abs(cold_warm_up) < 1 and warm_up > 12

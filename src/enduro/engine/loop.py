@@ -377,11 +377,11 @@ def _start(sock: socket.socket, config: EngineConfig, trace_memory: bool) -> Eng
     seconds = time.monotonic() - started
     runner = core.runner
     log.info(
-        "ready in %.1f s (%d matmul shapes built in %.1f s; decode attention on %s)",
+        "ready in %.1f s (%d matmul shapes built in %.1f s; native kernels %s)",
         seconds,
         runner.num_warm_up_matmuls,
         runner.warm_up_seconds,
-        "the native kernel" if runner.native_kernels else "torch",
+        "on" if runner.native_kernels else "off",
         extra={
             "event": "engine_ready",
             "seconds": seconds,

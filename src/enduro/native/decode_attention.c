@@ -12,12 +12,12 @@
  */
 #include <math.h>
 #include <stdint.h>
-
-#include "bf16.h"
 #include <stdlib.h>
 #ifdef __AVX512F__
 #include <immintrin.h>
 #endif
+
+#include "bf16.h"
 
 /* row[0:n] = bf16 src as float32; n is the head dim. */
 static inline void load_row(float *row, const uint16_t *src, int64_t n) {
@@ -54,6 +54,14 @@ static inline void axpy(float *acc, float w, const float *row, int64_t n) {
         _mm512_storeu_ps(acc + d, _mm512_fmadd_ps(weight, _mm512_loadu_ps(row + d), _mm512_loadu_ps(acc + d)));
 #endif
     for (; d < n; d++) acc[d] += w * row[d];
+}
+
+/* The cache slot of the key at `position` in a request's table, whose slot 0 is position
+ * `table_start` (a multiple of block_size). */
+static inline int64_t slot_of(const int64_t *table, int64_t table_start, int64_t position,
+                              int64_t block_size) {
+    const int64_t index = position - table_start;
+    return table[index / block_size] * block_size + index % block_size;
 }
 
 /*
@@ -93,8 +101,7 @@ int enduro_decode_attention(const uint16_t *q, const uint16_t *k_cache, const ui
         }
         const int64_t *table = tables + r * table_width;
         for (int64_t i = 0; i < n; i++) {
-            const int64_t index = start + i - table_starts[r];
-            const int64_t slot = table[index / block_size] * block_size + index % block_size;
+            const int64_t slot = slot_of(table, table_starts[r], start + i, block_size);
             const uint16_t *k = k_cache + (slot * num_kv_heads + h) * head_dim;
             load_row(row, k, head_dim);
             for (int64_t g = 0; g < group; g++) scores[g * n + i] = dot(qf + g * head_dim, row, head_dim);
@@ -110,8 +117,7 @@ int enduro_decode_attention(const uint16_t *q, const uint16_t *k_cache, const ui
         }
         for (int64_t j = 0; j < group * head_dim; j++) acc[j] = 0.0f;
         for (int64_t i = 0; i < n; i++) {
-            const int64_t index = start + i - table_starts[r];
-            const int64_t slot = table[index / block_size] * block_size + index % block_size;
+            const int64_t slot = slot_of(table, table_starts[r], start + i, block_size);
             const uint16_t *v = v_cache + (slot * num_kv_heads + h) * head_dim;
             load_row(row, v, head_dim);
             for (int64_t g = 0; g < group; g++) axpy(acc + g * head_dim, scores[g * n + i], row, head_dim);

@@ -81,8 +81,13 @@ def build_attention_metadata(
         first_key = torch.arange(width * block_size).view(1, 1, 1, -1) == 0
         masks[window] = (mask | (padding_rows & first_key)).to(device)
         table_starts[window] = (first_block * block_size).to(device)
-        last_key_start = seq_lens_t - window if window is not None else seq_lens_t * 0
-        key_starts[window] = last_key_start.clamp(min=0).to(device)
+        # A request's last token sees the `window` keys before it (all of them without one).
+        last_key_start = (
+            (seq_lens_t - window).clamp(min=0)
+            if window is not None
+            else torch.zeros_like(seq_lens_t)
+        )
+        key_starts[window] = last_key_start.to(device)
     metadata = AttentionMetadata(
         slot_mapping=slot_mapping.to(device),
         block_tables=window_tables,
