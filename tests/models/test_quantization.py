@@ -31,18 +31,20 @@ def prompt_logprobs(llm: LLM) -> torch.Tensor:
 
 @pytest.mark.parametrize("layer_class", [Int8Linear, Int4Linear])
 @pytest.mark.parametrize("bias", [False, True])
+# 6 rows run int8 in enduro's native kernel, 40 in torch's (NATIVE_INT8_MAX_ROWS).
+@pytest.mark.parametrize("leading", [(2, 3), (40,)])
 def test_quantized_linear_matches_dequantized_matmul(
-    layer_class: type[Int8Linear] | type[Int4Linear], bias: bool
+    layer_class: type[Int8Linear] | type[Int4Linear], bias: bool, leading: tuple[int, ...]
 ) -> None:
     generator = torch.Generator().manual_seed(0)
     weight = torch.randn(48, 96, generator=generator).bfloat16()
     b = torch.randn(48, generator=generator).bfloat16() if bias else None
     layer = layer_class(weight, b)
-    x = torch.randn(2, 3, 96, generator=generator).bfloat16()
+    x = torch.randn(*leading, 96, generator=generator).bfloat16()
     dequantized = layer.dequantized_weight()
     reference = x.float() @ dequantized.T + (b.float() if b is not None else 0.0)
     out = layer(x)
-    assert out.shape == (2, 3, 48) and out.dtype == torch.bfloat16
+    assert out.shape == (*leading, 48) and out.dtype == torch.bfloat16
     # Exact but for bf16 rounding (8 significant bits) of the weights, products and output:
     # the error is bounded by a few ulps of sum |x * w|, not of the (cancelling) result.
     magnitude = x.float().abs() @ dequantized.abs().T + (b.float().abs() if b is not None else 0.0)

@@ -132,3 +132,34 @@ def test_without_a_compiler_attention_falls_back_to_torch(tmp_path: Path) -> Non
 def test_switched_off_load_returns_none() -> None:
     native.use_native(False)
     assert native.load() is None
+
+
+@pytest.mark.parametrize(
+    ("rows", "out_features", "in_features"),
+    # Decode sizes of the default model's projections; tails of the 4-row blocks of x and of
+    # the weight; an input width off the 32-wide vector path (scalar loop).
+    [(1, 1536, 640), (16, 640, 2048), (5, 643, 96), (3, 10, 50), (33, 8, 64)],
+)
+def test_linear_int8_matches_float_matmul(rows: int, out_features: int, in_features: int) -> None:
+    library = native.load()
+    assert library is not None
+    generator = torch.Generator().manual_seed(rows)
+    q = torch.randint(-128, 128, (out_features, in_features), generator=generator).to(torch.int8)
+    scales = (torch.rand(out_features, generator=generator) / 64).bfloat16()
+    x = torch.randn(rows, in_features, generator=generator).bfloat16()
+    out = torch.full((rows, out_features), float("nan"), dtype=torch.bfloat16)
+    library.linear_int8(
+        x.data_ptr(),
+        rows,
+        in_features,
+        q.data_ptr(),
+        scales.data_ptr(),
+        out_features,
+        out.data_ptr(),
+    )
+    weight = q.float() * scales.float()[:, None]
+    reference = x.float() @ weight.T
+    # Exact products summed in float32, then one bf16 rounding of the output: within an
+    # output ulp plus the float32 sum's error (a few ulps of sum |x * w|).
+    bound = 2**-8 * reference.abs() + 2**-20 * (x.float().abs() @ weight.abs().T)
+    assert ((out.float() - reference).abs() <= bound).all()

@@ -13,6 +13,7 @@ table.
 import torch
 from torch import nn
 
+from enduro import native
 from enduro.config import QUANTIZATIONS
 from enduro.models.base import CausalLM
 
@@ -26,6 +27,10 @@ KERNEL_DTYPE = torch.bfloat16
 # as packing row blocks separately gives the same bytes), so the float32 temporaries of the
 # 262,144-row output projection stay ~20 MB instead of ~2 GB.
 CHUNK_ROWS = 8192
+# Up to this many rows (decode steps) an int8 layer runs in enduro's native kernel
+# (`native/linear_int8.c`), which reads each weight once for all rows; above (prefill
+# chunks) in torch's, which is faster where arithmetic, not weight reads, bounds the time.
+NATIVE_INT8_MAX_ROWS = 32
 
 
 class Int8Linear(nn.Module):
@@ -45,7 +50,21 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1]).to(KERNEL_DTYPE)
-        out = torch._weight_int8pack_mm(rows, self.weight, self.scales)
+        library = native.load() if _native_rows(rows) else None
+        if library is None:
+            out = torch._weight_int8pack_mm(rows, self.weight, self.scales)
+        else:
+            rows = rows.contiguous()
+            out = rows.new_empty(rows.shape[0], self.weight.shape[0])
+            library.linear_int8(
+                rows.data_ptr(),
+                rows.shape[0],
+                rows.shape[1],
+                self.weight.data_ptr(),
+                self.scales.data_ptr(),
+                self.weight.shape[0],
+                out.data_ptr(),
+            )
         return _finish(out, self.bias, x)
 
     def dequantized_weight(self) -> torch.Tensor:
@@ -88,6 +107,10 @@ class Int4Linear(nn.Module):
             .float()
             .T
         )
+
+
+def _native_rows(rows: torch.Tensor) -> bool:
+    return rows.device.type == "cpu" and rows.shape[0] <= NATIVE_INT8_MAX_ROWS
 
 
 def _int8_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

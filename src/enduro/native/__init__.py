@@ -9,7 +9,8 @@ their torch path; the reason is logged once.
 
 Kernels: `decode_attention` (attention of one new token per request straight from the paged
 KV cache, `decode_attention.c`) and `rms_norm` (a whole norm, and the residual add after it,
-in one call, `rms_norm.c`).
+in one call, `rms_norm.c`) and `linear_int8` (a weight-only int8 projection of a few rows,
+`linear_int8.c`).
 """
 
 import ctypes
@@ -31,7 +32,7 @@ from enduro.loading.loader import default_cache_dir
 
 logger = logging.getLogger(__name__)
 
-SOURCES = ("decode_attention.c", "rms_norm.c")
+SOURCES = ("decode_attention.c", "rms_norm.c", "linear_int8.c")
 HEADERS = ("bf16.h",)
 CFLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c11")
 
@@ -49,6 +50,7 @@ class Library:
     path: Path
     decode_attention: "ctypes._NamedFuncPointer"
     rms_norm: "ctypes._NamedFuncPointer"
+    linear_int8: "ctypes._NamedFuncPointer"
 
 
 def load() -> Library | None:
@@ -141,4 +143,7 @@ def _bind(path: Path) -> Library:
         pointer,
     ]
     norm.restype = None
-    return Library(path, fn, norm)
+    int8 = lib.enduro_linear_int8
+    int8.argtypes = [pointer, i64, i64, pointer, pointer, i64, pointer]
+    int8.restype = None
+    return Library(path, fn, norm, int8)
