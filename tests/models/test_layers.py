@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from enduro import LLM
+from enduro import LLM, native
 from enduro.models.layers import (
     Linear,
     PackedLinear,
@@ -169,9 +169,19 @@ def test_the_engine_packs_every_projection_in_half_precision(
     expected = torch.nn.functional.linear(hidden, model.embed_tokens.weight)
     assert torch.equal(model.lm_head(hidden), expected)
     assert not model.pack_output_projection(16)  # packed already
-    # Every decoder projection too (q|k|v, o, gate|up, down), in place of its plain weight.
+    # The decoder layers run decode steps natively, on their plain weights: none packed.
+    assert llm.engine.runner.num_native_layers == len(model.layers)
+    assert llm.engine.runner.num_packed_projections == 0
+    # Without native kernels every decoder projection is (q|k|v, o, gate|up, down), in place
+    # of its plain weight.
+    try:
+        torch_only = LLM(str(path), dtype="bfloat16", num_blocks=64, native_kernels=False)
+    finally:
+        native.use_native(True)  # the switch is process-wide
+    model = torch_only.engine.runner.model
     projections = [m for m in model.layers.modules() if isinstance(m, PackedLinear)]
-    assert llm.engine.runner.num_packed_projections == len(projections) == 4 * len(model.layers)
+    assert torch_only.engine.runner.num_packed_projections == len(projections)
+    assert len(projections) == 4 * len(model.layers)
     assert not any(isinstance(m, Linear) for m in model.layers.modules())
     fp32 = LLM(str(path), dtype="float32", num_blocks=64).engine.runner
     assert fp32.model.lm_head is None and not fp32.packed_output_projection

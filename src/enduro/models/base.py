@@ -133,9 +133,15 @@ class CausalLM(nn.Module):
     def pack_decoder_projections(self, max_rows: int) -> int:
         """Replaces each decoder projection (`Linear`, `MergedLinear`) with a `PackedLinear`
         laid out for max_rows-row inputs; returns how many. The plain weight is dropped with
-        its module, so the model's size does not change. Quantized layers stay as they are."""
+        its module, so the model's size does not change. Quantized layers stay as they are, and
+        so do the layers that run decode steps natively (`native_layer`), which read the plain
+        weights."""
         num_packed = 0
+        natively_run = [layer for layer in self.layers if getattr(layer, "native_decode", None)]
+        skipped = {id(m) for layer in natively_run for m in layer.modules()}
         for parent in list(self.layers.modules()):
+            if id(parent) in skipped:
+                continue
             for name, child in list(parent.named_children()):
                 if not isinstance(child, Linear):
                     continue

@@ -5,9 +5,12 @@
   residual add.
 """
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
+from enduro import native
 from enduro.models import fused
 from enduro.models.arch_config import ArchConfig
 from enduro.models.attention import Attention, KVCache
@@ -15,6 +18,21 @@ from enduro.models.attention_metadata import AttentionMetadata
 from enduro.models.layers import GatedMLP, RMSNorm
 
 Rope = tuple[torch.Tensor, torch.Tensor]
+# A layer's decode step in one native call (models/native_layer.py), set after loading.
+NativeDecode = Callable[[torch.Tensor, Rope, AttentionMetadata, KVCache], torch.Tensor]
+# Pure decode steps of up to this many requests take a layer's native path when it has one:
+# its projections read each weight once for all rows, but past ≈16 rows oneDNN's bf16 GEMM
+# does the arithmetic faster.
+NATIVE_DECODE_MAX_ROWS = 16
+
+
+def native_step(
+    native_decode: NativeDecode | None, x: torch.Tensor, attn: AttentionMetadata
+) -> NativeDecode | None:
+    """The layer's native decode, when this step can take it (and `native.use_native` is on)."""
+    if native_decode is None or attn.max_query_len != 1 or x.shape[0] > NATIVE_DECODE_MAX_ROWS:
+        return None
+    return native_decode if native.enabled() else None
 
 
 def layer_attention(arch: ArchConfig, layer: int) -> Attention:
@@ -50,10 +68,13 @@ class PreNormDecoderLayer(nn.Module):
         self.self_attn = layer_attention(arch, layer)
         self.mlp_norm = layer_norm(arch)
         self.mlp = layer_mlp(arch)
+        self.native_decode: NativeDecode | None = None
 
     def forward(
         self, x: torch.Tensor, rope: Rope, attn: AttentionMetadata, kv_cache: KVCache
     ) -> torch.Tensor:
+        if decode := native_step(self.native_decode, x, attn):
+            return decode(x, rope, attn, kv_cache)
         norm = self.mlp_norm
         h, normed = fused.ops.add_rms_norm(
             x,
@@ -74,10 +95,13 @@ class SandwichNormDecoderLayer(nn.Module):
         self.pre_mlp_norm = layer_norm(arch)
         self.mlp = layer_mlp(arch)
         self.post_mlp_norm = layer_norm(arch)
+        self.native_decode: NativeDecode | None = None
 
     def forward(
         self, x: torch.Tensor, rope: Rope, attn: AttentionMetadata, kv_cache: KVCache
     ) -> torch.Tensor:
+        if decode := native_step(self.native_decode, x, attn):
+            return decode(x, rope, attn, kv_cache)
         # One fused call per stretch between matmuls: norm the attention's output, add it
         # back, norm again for the MLP; then norm the MLP's output and add it back.
         post_attn, pre_mlp, post_mlp = self.post_attn_norm, self.pre_mlp_norm, self.post_mlp_norm

@@ -10,7 +10,8 @@ their torch path; the reason is logged once.
 Kernels: `decode_attention` (attention of one new token per request straight from the paged
 KV cache, `decode_attention.c`) and `rms_norm` (a whole norm, and the residual add after it,
 in one call, `rms_norm.c`) and `linear_int8` (a weight-only int8 projection of a few rows,
-`linear_int8.c`).
+`linear.c`), and `decode_layer`, a whole decoder layer of a decode step built from them
+(`decode_layer.c`).
 """
 
 import ctypes
@@ -32,7 +33,7 @@ from enduro.loading.loader import default_cache_dir
 
 logger = logging.getLogger(__name__)
 
-SOURCES = ("decode_attention.c", "rms_norm.c", "linear_int8.c")
+SOURCES = ("decode_attention.c", "rms_norm.c", "linear.c", "decode_layer.c")
 HEADERS = ("bf16.h",)
 CFLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c11")
 
@@ -51,6 +52,12 @@ class Library:
     decode_attention: "ctypes._NamedFuncPointer"
     rms_norm: "ctypes._NamedFuncPointer"
     linear_int8: "ctypes._NamedFuncPointer"
+    decode_layer: "ctypes._NamedFuncPointer"
+
+
+def enabled() -> bool:
+    """Whether native kernels are switched on (they may still be unavailable: see `load`)."""
+    return _enabled
 
 
 def load() -> Library | None:
@@ -146,4 +153,7 @@ def _bind(path: Path) -> Library:
     int8 = lib.enduro_linear_int8
     int8.argtypes = [pointer, i64, i64, pointer, pointer, i64, pointer]
     int8.restype = None
-    return Library(path, fn, norm, int8)
+    layer = lib.enduro_decode_layer
+    layer.argtypes = [pointer, pointer, i64, pointer, pointer]
+    layer.restype = ctypes.c_int
+    return Library(path, fn, norm, int8, layer)

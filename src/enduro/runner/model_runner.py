@@ -13,6 +13,7 @@ from enduro.core.scheduler import SchedulerOutput
 from enduro.loading.loader import ModelFiles, open_model
 from enduro.models import fused
 from enduro.models.arch_config import ArchConfig
+from enduro.models.native_layer import attach_native_decode
 from enduro.models.quantization import quantize_model
 from enduro.models.registry import build_model
 from enduro.outputs import TokenLogprobs
@@ -68,6 +69,10 @@ class ModelRunner:
         scheduler = config.scheduler
         max_logit_rows = max(scheduler.max_num_seqs, PROMPT_LOGPROBS_ROWS)
         self.packed_output_projection = self.model.pack_output_projection(max_logit_rows)
+        # Decode steps run each layer in one native call where it can (after .to(): the
+        # native layer holds its weights' addresses); those layers' weights stay plain, as the
+        # native projections read them in place.
+        self.num_native_layers = attach_native_decode(self.model, library)
         # Laid out for a decode batch, the step the engine runs most.
         self.num_packed_projections = self.model.pack_decoder_projections(scheduler.max_num_seqs)
         self.load_seconds = time.monotonic() - started
