@@ -1,11 +1,13 @@
 """What the native kernels buy: one engine, torch's ops and the C kernels alternated step by step.
 
   .venv/bin/python benchmarks/native_ab.py [--requests 16] [--prompt-tokens 140]
-      [--steps 120] [--kernel norms|attention|both]
+      [--steps 120] [--kernel norms|attention|both|layer] [--quantization none|int8]
 
 Loads the default model (bf16), prefills `--requests` prompts of `--prompt-tokens` tokens
 (the opening of the bundled Tom Sawyer text at different offsets), then runs `--steps` decode
-steps, switching every step between torch's ops and the native kernel(s) (`--kernel`):
+steps, switching every step between torch's ops and the native kernel(s) (`--kernel`; with
+`layer`, between the layer modules, native norms and attention included, and the whole
+native decode layer; the others run without the native layer):
 neighbouring steps see the same machine, batch and context lengths, so the median of the
 per-pair ratios cancels the VM's drift, which moves whole minutes by ±30 % here. Sampling at
 temperature 1, as the chat workload does.
@@ -16,6 +18,7 @@ import statistics
 import sys
 import time
 from importlib import resources
+from typing import Any
 
 from enduro import native
 from enduro.engine.llm import LLM
@@ -25,7 +28,11 @@ from enduro.sampling_params import SamplingParams
 TEXT_FILE = "tom_sawyer.txt"
 
 
-def switch(kernel: str, on: bool, native_ops: fused.FusedOps) -> None:
+def switch(
+    kernel: str, on: bool, native_ops: fused.FusedOps, layers: list[tuple[Any, Any]]
+) -> None:
+    for layer, native_decode in layers:
+        layer.native_decode = native_decode if on and kernel == "layer" else None
     if kernel in ("attention", "both"):
         native.use_native(on)
     if kernel in ("norms", "both"):
@@ -37,12 +44,19 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=16)
     parser.add_argument("--prompt-tokens", type=int, default=140)
     parser.add_argument("--steps", type=int, default=120)
-    parser.add_argument("--kernel", choices=("norms", "attention", "both"), default="both")
+    parser.add_argument("--kernel", choices=("norms", "attention", "both", "layer"), default="both")
+    parser.add_argument("--quantization", choices=("none", "int8"), default="none")
     args = parser.parse_args()
-    llm = LLM(None, dtype="bfloat16", max_num_seqs=max(args.requests, 1))
+    llm = LLM(
+        None,
+        dtype="bfloat16",
+        max_num_seqs=max(args.requests, 1),
+        quantization=args.quantization,
+    )
     if not llm.engine.runner.native_kernels:
         print("native kernels unavailable (no C compiler?)", file=sys.stderr)
         return 1
+    layers = [(layer, layer.native_decode) for layer in llm.engine.runner.model.layers]
     assert llm.tokenizer is not None
     native_ops = fused.ops
     text = resources.files("enduro.bench").joinpath("data", TEXT_FILE).read_text()
@@ -60,15 +74,15 @@ def main() -> int:
     times: dict[bool, list[float]] = {False: [], True: []}
     for i in range(args.steps):
         on = i % 2 == 1
-        switch(args.kernel, on, native_ops)
+        switch(args.kernel, on, native_ops, layers)
         started = time.perf_counter()
         llm.step()
         times[on].append(time.perf_counter() - started)
-    switch(args.kernel, True, native_ops)
+    switch(args.kernel, True, native_ops, layers)
     ratios = [b / a for a, b in zip(times[False], times[True], strict=True)]
     print(
         f"{args.requests} requests, {args.prompt_tokens}-token prompts, {args.steps} decode "
-        f"steps, kernel {args.kernel}, bf16"
+        f"steps, kernel {args.kernel}, bf16, quantization {args.quantization}"
     )
     print("| | median step | mean step |")
     print("|---|---|---|")

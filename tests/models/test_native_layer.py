@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from enduro import LLM
+from enduro.models.decoder_layers import PreNormDecoderLayer, SandwichNormDecoderLayer
 from enduro.models.native_layer import attach_native_decode
 from enduro.runner.attention_inputs import build_attention_metadata
 from tests.conftest import ARCHITECTURES
@@ -32,12 +33,15 @@ def test_a_native_decode_step_matches_the_module_path(
         [1, 1, 1], [n + 1 for n in lens], tables, 16, windows
     )
     step_ids = torch.stack([i[-1] for i in ids])
-    natives = [layer.native_decode for layer in model.layers]
+    layers = [
+        m for m in model.layers if isinstance(m, PreNormDecoderLayer | SandwichNormDecoderLayer)
+    ]
+    natives = [layer.native_decode for layer in layers]
     logits, caches = {}, {}
     with torch.inference_mode():
         model(torch.cat([i[:-1] for i in ids]), positions, attn, kv)
         for native in (False, True):
-            for layer, decode in zip(model.layers, natives, strict=True):
+            for layer, decode in zip(layers, natives, strict=True):
                 layer.native_decode = decode if native else None
             hidden = model(step_ids, step_positions, step, kv)
             logits[native] = model.compute_logits(hidden)

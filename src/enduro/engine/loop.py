@@ -377,17 +377,21 @@ def _start(sock: socket.socket, config: EngineConfig, trace_memory: bool) -> Eng
     seconds = time.monotonic() - started
     runner = core.runner
     log.info(
-        "ready in %.1f s (%d matmul shapes built in %.1f s; native kernels %s)",
+        "ready in %.1f s (%d matmul shapes built in %.1f s; native kernels %s, "
+        "%d of %d layers decode natively)",
         seconds,
         runner.num_warm_up_matmuls,
         runner.warm_up_seconds,
         "on" if runner.native_kernels else "off",
+        runner.num_native_layers,
+        len(runner.model.layers),
         extra={
             "event": "engine_ready",
             "seconds": seconds,
             "warm_up_matmuls": runner.num_warm_up_matmuls,
             "warm_up_matmul_seconds": runner.warm_up_seconds,
             "native_kernels": runner.native_kernels,
+            "native_decode_layers": runner.num_native_layers,
         },
     )
     return loop
