@@ -61,7 +61,12 @@ def test_layers_with_other_projections_keep_the_module_path(
     tiny_model_dir: Callable[[str], Path],
 ) -> None:
     for quantization in ("int4", "int4-head"):
-        llm = LLM(str(tiny_model_dir("llama")), dtype="bfloat16", quantization=quantization)
+        llm = LLM(
+            str(tiny_model_dir("llama")),
+            dtype="bfloat16",
+            quantization=quantization,
+            num_blocks=16,
+        )
         # int4 layers have no native projection; int4-head leaves the bf16 layers native.
         expected = 0 if quantization == "int4" else 3
         assert llm.engine.runner.num_native_layers == expected

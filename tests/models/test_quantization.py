@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from enduro import LLM, SamplingParams
-from enduro.models.layers import PackedLinear
+from enduro.models.layers import Linear, PackedLinear
 from enduro.models.quantization import Int4Linear, Int8Linear, quantize_weight
 from tests.conftest import ARCHITECTURES
 
@@ -89,11 +89,15 @@ def test_int4_head_quantizes_the_output_projection_only(
     reference = prompt_logprobs(tiny_llm(path, "none"))
     llm = tiny_llm(path, "int4-head")
     model = llm.engine.runner.model
-    # The decoder projections stay bf16 (and so are packed for oneDNN): none is quantized.
-    projections = [m for m in model.layers.modules() if isinstance(m, PackedLinear)]
+    # The decoder projections stay bf16, plain, as the native decode layers read them: none
+    # is quantized (nor packed for oneDNN).
+    assert llm.engine.runner.num_native_layers == len(model.layers)
+    projections = [m for m in model.layers.modules() if isinstance(m, Linear)]
     assert len(projections) == 4 * len(model.layers)
-    assert all(m.dtype == torch.bfloat16 for m in projections)
-    assert not any(isinstance(m, (Int4Linear, Int8Linear)) for m in model.layers.modules())
+    assert all(m.weight.dtype == torch.bfloat16 for m in projections)
+    assert not any(
+        isinstance(m, (Int4Linear, Int8Linear, PackedLinear)) for m in model.layers.modules()
+    )
     assert isinstance(model.lm_head, Int4Linear)
     assert model.embed_tokens.weight.dtype == torch.bfloat16
     assert (prompt_logprobs(llm) - reference).abs().max() <= LOGPROB_TOLERANCE["int4"]

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from enduro.runner.attention_inputs import build_attention_metadata
@@ -136,8 +137,14 @@ def attention_memory_growth(mode: str) -> int:
 
 
 def test_bucketed_query_lengths_keep_attention_memory_bounded() -> None:
-    exact = attention_memory_growth("exact")
     bucketed = attention_memory_growth("bucketed")
-    # Measured: 12.0 MiB and 1.6 MiB (the second pass still meets a few new key-length tails).
-    assert exact > 8 << 20  # new query lengths keep adding kernel state
     assert bucketed < 4 << 20  # the second pass finds nearly every bucket built
+    # The control: measured 12.0 MiB exact and 1.6 MiB bucketed on a Sapphire Rapids VM (the
+    # second pass still meets a few new key-length tails); on an AMD EPYC VM torch's attention
+    # kernel keeps no state per query length, both ≈0, and there is nothing to show.
+    exact = attention_memory_growth("exact")
+    if exact < 8 << 20:
+        pytest.skip(
+            f"this CPU's attention kernel keeps no state per query length: exact lengths "
+            f"grew {exact / 2**20:.1f} MiB, bucketed {bucketed / 2**20:.1f} MiB"
+        )

@@ -8,10 +8,10 @@ key). Without a compiler, or if the build fails, `load()` returns None and calle
 their torch path; the reason is logged once.
 
 Kernels: `decode_attention` (attention of one new token per request straight from the paged
-KV cache, `decode_attention.c`) and `rms_norm` (a whole norm, and the residual add after it,
-in one call, `rms_norm.c`) and `linear_int8` (a weight-only int8 projection of a few rows,
-`linear.c`), and `decode_layer`, a whole decoder layer of a decode step built from them
-(`decode_layer.c`).
+KV cache, `decode_attention.c`), `rms_norm` (a whole norm, and the residual add after it, in
+one call, `rms_norm.c`), `linear_int8` / `linear_bf16` (a projection of a few rows on int8 or
+plain bf16 weights, `linear.c`), and `decode_layer` (a decoder layer's whole decode step,
+built from the others, `decode_layer.c`).
 """
 
 import ctypes
@@ -52,6 +52,7 @@ class Library:
     decode_attention: "ctypes._NamedFuncPointer"
     rms_norm: "ctypes._NamedFuncPointer"
     linear_int8: "ctypes._NamedFuncPointer"
+    linear_bf16: "ctypes._NamedFuncPointer"
     decode_layer: "ctypes._NamedFuncPointer"
 
 
@@ -153,7 +154,10 @@ def _bind(path: Path) -> Library:
     int8 = lib.enduro_linear_int8
     int8.argtypes = [pointer, i64, i64, pointer, pointer, i64, pointer]
     int8.restype = None
+    bf16 = lib.enduro_linear_bf16
+    bf16.argtypes = [pointer, i64, i64, pointer, i64, pointer]
+    bf16.restype = None
     layer = lib.enduro_decode_layer
     layer.argtypes = [pointer, pointer, i64, pointer, pointer]
     layer.restype = ctypes.c_int
-    return Library(path, fn, norm, int8, layer)
+    return Library(path, fn, norm, int8, bf16, layer)
