@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from enduro import LLM, SamplingParams
+from enduro import LLM, SamplingParams, native
 from enduro.models.layers import Linear, PackedLinear
 from enduro.models.quantization import Int4Linear, Int8Linear, quantize_weight
 from tests.conftest import ARCHITECTURES
@@ -31,10 +31,14 @@ def prompt_logprobs(llm: LLM) -> torch.Tensor:
 
 @pytest.mark.parametrize("layer_class", [Int8Linear, Int4Linear])
 @pytest.mark.parametrize("bias", [False, True])
-# 6 rows run int8 in enduro's native kernel, 40 in torch's (NATIVE_INT8_MAX_ROWS).
+# int8 runs in enduro's native kernel, or with native kernels off in torch's.
+@pytest.mark.parametrize("use_native", [True, False])
 @pytest.mark.parametrize("leading", [(2, 3), (40,)])
 def test_quantized_linear_matches_dequantized_matmul(
-    layer_class: type[Int8Linear] | type[Int4Linear], bias: bool, leading: tuple[int, ...]
+    layer_class: type[Int8Linear] | type[Int4Linear],
+    bias: bool,
+    use_native: bool,
+    leading: tuple[int, ...],
 ) -> None:
     generator = torch.Generator().manual_seed(0)
     weight = torch.randn(48, 96, generator=generator).bfloat16()
@@ -43,7 +47,11 @@ def test_quantized_linear_matches_dequantized_matmul(
     x = torch.randn(*leading, 96, generator=generator).bfloat16()
     dequantized = layer.dequantized_weight()
     reference = x.float() @ dequantized.T + (b.float() if b is not None else 0.0)
-    out = layer(x)
+    native.use_native(use_native)
+    try:
+        out = layer(x)
+    finally:
+        native.use_native(True)
     assert out.shape == (*leading, 48) and out.dtype == torch.bfloat16
     # Exact but for bf16 rounding (8 significant bits) of the weights, products and output:
     # the error is bounded by a few ulps of sum |x * w|, not of the (cancelling) result.

@@ -27,10 +27,6 @@ KERNEL_DTYPE = torch.bfloat16
 # as packing row blocks separately gives the same bytes), so the float32 temporaries of the
 # 262,144-row output projection stay ~20 MB instead of ~2 GB.
 CHUNK_ROWS = 8192
-# Up to this many rows (decode steps) an int8 layer runs in enduro's native kernel
-# (`native/linear_int8.c`), which reads each weight once for all rows; above (prefill
-# chunks) in torch's, which is faster where arithmetic, not weight reads, bounds the time.
-NATIVE_INT8_MAX_ROWS = 32
 
 
 class Int8Linear(nn.Module):
@@ -50,7 +46,9 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1]).to(KERNEL_DTYPE)
-        library = native.load() if _native_rows(rows) else None
+        # enduro's kernel (`native/linear.c`) where it is built: 1.2x torch's at one row, 1.8x
+        # at 128 to 512 (benchmarks/linear_kernels.py).
+        library = native.load() if rows.device.type == "cpu" else None
         if library is None:
             out = torch._weight_int8pack_mm(rows, self.weight, self.scales)
         else:
@@ -107,10 +105,6 @@ class Int4Linear(nn.Module):
             .float()
             .T
         )
-
-
-def _native_rows(rows: torch.Tensor) -> bool:
-    return rows.device.type == "cpu" and rows.shape[0] <= NATIVE_INT8_MAX_ROWS
 
 
 def _int8_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
