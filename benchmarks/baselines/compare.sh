@@ -7,7 +7,8 @@
 # (default: all, in that order), and c16-repeats: the 16-stream chat level three times per
 # server, enduro, enduro on jemalloc's default decay and llama-server alternating, into
 # results/chat-c16-repeats (the servers' run-to-run spread is ±15 % on this VM, so one run's
-# ratio can be luck). SERVERS picks the servers (enduro-torch: without the native kernels).
+# ratio can be luck). SERVERS picks the servers (enduro-torch: without the native kernels;
+# enduro-int8: --quantization int8).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 BIN=.venv/bin
@@ -108,6 +109,7 @@ step() {
             enduro-decay) MALLOC_CONF=dirty_decay_ms:10000 start_enduro ;;
             # enduro without its C kernels (decode attention and norms on torch's ops)
             enduro-torch) start_enduro --no-native-kernels ;;
+            enduro-int8) start_enduro --quantization int8 ;;
             *) start_llama_server --parallel 16 -c 16384 ;;
           esac
           bench chat 16 32

@@ -9,7 +9,12 @@ from torch import nn
 
 from enduro import LLM, SamplingParams, native
 from enduro.models.layers import Linear, PackedLinear
-from enduro.models.quantization import Int4Linear, Int8Linear, quantize_weight
+from enduro.models.quantization import (
+    WIDENED_MIN_ROWS,
+    Int4Linear,
+    Int8Linear,
+    quantize_weight,
+)
 from tests.conftest import ARCHITECTURES
 
 PROMPT = [5, 17, 42, 8, 99, 3, 250, 11, 7, 300, 12, 6, 40, 41, 42, 43]
@@ -33,7 +38,7 @@ def prompt_logprobs(llm: LLM) -> torch.Tensor:
 @pytest.mark.parametrize("bias", [False, True])
 # int8 runs in enduro's native kernel, or with native kernels off in torch's.
 @pytest.mark.parametrize("use_native", [True, False])
-@pytest.mark.parametrize("leading", [(2, 3), (40,)])
+@pytest.mark.parametrize("leading", [(2, 3), (40,), (WIDENED_MIN_ROWS,)])
 def test_quantized_linear_matches_dequantized_matmul(
     layer_class: type[Int8Linear] | type[Int4Linear],
     bias: bool,

@@ -16,6 +16,7 @@ from torch import nn
 from enduro import native
 from enduro.config import QUANTIZATIONS
 from enduro.models.base import CausalLM
+from enduro.models.layers import bucketed_linear
 
 # The int4 kernel takes group sizes 32..256; at batch 1 (640 → 262,144) 32 costs 7.9 ms, 64
 # 7.3 ms, 128 9.0 ms; the smallest groups fit each scale to the fewest weights.
@@ -27,6 +28,11 @@ KERNEL_DTYPE = torch.bfloat16
 # as packing row blocks separately gives the same bytes), so the float32 temporaries of the
 # 262,144-row output projection stay ~20 MB instead of ~2 GB.
 CHUNK_ROWS = 8192
+# From this many rows (prefill chunks) arithmetic, not weight reads, bounds an int8 layer, and
+# oneDNN's bf16 GEMM on the weight widened to bf16 for the call beats both int8 kernels: the
+# 72 decoder projections at 512 rows take ≈130 ms that way, 181 ms in enduro's kernel, 325 ms
+# in torch's (benchmarks/linear_kernels.py); at 128 rows the two ways are even.
+WIDENED_MIN_ROWS = 256
 
 
 class Int8Linear(nn.Module):
@@ -47,9 +53,14 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1]).to(KERNEL_DTYPE)
         # enduro's kernel (`native/linear.c`) where it is built: 1.2x torch's at one row, 1.8x
-        # at 128 to 512 (benchmarks/linear_kernels.py).
+        # at 128 (benchmarks/linear_kernels.py).
         library = native.load() if rows.device.type == "cpu" else None
-        if library is None:
+        if library is not None and rows.shape[0] >= WIDENED_MIN_ROWS:
+            # int8 is exact in bf16; the products are summed in float32 and rounded once, as
+            # the kernels do, then scaled.
+            summed = bucketed_linear(rows, self.weight.to(KERNEL_DTYPE), None)
+            out = (summed.float() * self.scales.float()).to(KERNEL_DTYPE)
+        elif library is None:
             out = torch._weight_int8pack_mm(rows, self.weight, self.scales)
         else:
             rows = rows.contiguous()
