@@ -44,9 +44,10 @@ class ModelConfig:
 
     native_kernels: bool = True
     """Run decode attention (straight from the paged KV cache, no gathered copy of each
-    context) and the RMSNorms in enduro's C kernels, built with the machine's C compiler at the
-    first start (about a second, cached on disk); bf16 on CPU. Off, or without a compiler,
-    torch's SDPA and ops run instead."""
+    context), the RMSNorms, int8 projections and each decoder layer's whole decode step in
+    enduro's C kernels, built with the machine's C compiler at the first start (about a second,
+    cached on disk); bf16 on CPU. Off, or without a compiler, torch's SDPA and ops run
+    instead, and the bf16 projections are packed for oneDNN."""
 
     def __post_init__(self) -> None:
         if self.threads is not None and self.threads < 1:
