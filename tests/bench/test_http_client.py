@@ -7,7 +7,7 @@ import pytest
 from fastapi import FastAPI, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from enduro.bench.http_client import OpenAIClient
+from enduro.bench.http_client import OpenAIClient, sse_lines
 from enduro.bench.workloads import WorkloadRequest
 from tests.server.fakes import free_port, serve
 
@@ -155,3 +155,19 @@ async def test_a_400_keeps_the_error_body(server: Server) -> None:
     for result in (streamed, whole):
         assert result.status == 400 and not result.ok
         assert "max_tokens must be >= 0" in (result.error or "")
+
+
+async def _chunks(*parts: str) -> AsyncIterator[str]:
+    for part in parts:
+        yield part
+
+
+@pytest.mark.asyncio
+async def test_sse_lines_split_at_sse_line_ends_only() -> None:
+    # A token holding U+2028 or U+0085 stays inside its JSON string (str.splitlines, and so
+    # httpx's aiter_lines, would cut the line there); \r\n split across two chunks is one end.
+    event = 'data: {"text": "a\u2028b\x85c"}'
+    parts = (event[:10], event[10:] + "\r", "\n\ndata: [DO", "NE]\r", "data: x\n")
+    lines = [line async for line in sse_lines(_chunks(*parts))]
+    assert lines == [event, "", "data: [DONE]", "data: x"]
+    assert [line async for line in sse_lines(_chunks("data: end\r"))] == ["data: end"]

@@ -9,7 +9,9 @@ Non-streamed requests have no TTFT nor TPOT.
 
 import itertools
 import json
+import re
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
@@ -63,6 +65,26 @@ def chunk_text(chunk: dict[str, Any]) -> str:
         message = choice.get("delta") or choice.get("message") or {}
         parts.append(choice.get("text") or message.get("content") or "")
     return "".join(parts)
+
+
+async def sse_lines(chunks: AsyncIterator[str]) -> AsyncIterator[str]:
+    """The lines of an event stream: split at \r\n, \n or \r only, as the SSE spec says.
+
+    Not httpx's `aiter_lines`, which splits like str.splitlines, also at U+0085, U+2028 and
+    U+2029: JSON leaves those unescaped inside strings, so a generated token holding one cut
+    its `data:` line in two and the client failed to parse a well-formed event.
+    """
+    pending = ""
+    async for chunk in chunks:
+        pending += chunk
+        # A trailing \r may be the first half of \r\n: wait for the next chunk.
+        cut = len(pending) - 1 if pending.endswith("\r") else len(pending)
+        lines = re.split(r"\r\n|\r|\n", pending[:cut])
+        pending = lines.pop() + pending[cut:]
+        for line in lines:
+            yield line
+    if pending:
+        yield pending.removesuffix("\r")
 
 
 class _StreamReader:
@@ -172,7 +194,7 @@ class OpenAIClient:
                 result.latency = time.perf_counter() - started
                 return result
             reader = _StreamReader(result, started, request.abort_after_tokens)
-            async for line in response.aiter_lines():
+            async for line in sse_lines(response.aiter_text()):
                 if not reader.feed(line):
                     break
             return reader.finish()
