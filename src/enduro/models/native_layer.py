@@ -93,7 +93,7 @@ def _norm_pointer(weight: torch.Tensor | None) -> int | None:
 
 
 class _Unsupported(Exception):
-    pass
+    """A layer the native decode cannot run (it keeps its module path)."""
 
 
 class NativeDecodeLayer:
@@ -141,12 +141,15 @@ class NativeDecodeLayer:
         )
         self.pointer = ctypes.byref(self.struct)
         self.sliding_window = attn.sliding_window
+        # The struct holds raw addresses: keep the tensors behind them alive with it, even if
+        # a module were swapped out of the layer later.
+        self.tensors = [t for t in layer.state_dict().values() if isinstance(t, torch.Tensor)]
 
     def __call__(
         self, x: torch.Tensor, rope: Rope, attn: AttentionMetadata, kv_cache: KVCache
     ) -> torch.Tensor:
         x = x.contiguous()
-        cos, sin = (t.contiguous() for t in rope)
+        cos, sin = (t.float().contiguous() for t in rope)  # float32 [T, rotary_dim / 2]
         k_cache, v_cache = kv_cache
         window = self.sliding_window
         tables = attn.block_tables[window]
@@ -164,12 +167,10 @@ class NativeDecodeLayer:
             sin.data_ptr(),
         )
         out = torch.empty_like(x)
-        if (
-            self.library.decode_layer(
-                self.pointer, ctypes.byref(step), x.shape[0], x.data_ptr(), out.data_ptr()
-            )
-            != 0
-        ):
+        status = self.library.decode_layer(
+            self.pointer, ctypes.byref(step), x.shape[0], x.data_ptr(), out.data_ptr()
+        )
+        if status != 0:
             raise MemoryError("native decode layer: scratch memory could not be allocated")
         return out
 
