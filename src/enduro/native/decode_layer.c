@@ -10,7 +10,7 @@
  * Rounding follows enduro's eager layer (models/decoder_layers.py, models/fused.py): every
  * tensor between two ops is rounded to bf16 where the eager one is. The activations are
  * computed in float32 by another formula than torch's, so a value may round one bf16 step
- * apart; tests/runner/test_model_runner.py compares the two paths' logits.
+ * apart; tests/models/test_native_layer.py compares the two paths.
  */
 #include <math.h>
 #include <stdint.h>
@@ -63,8 +63,6 @@ typedef struct {
     const int64_t *table_starts, *key_starts, *seq_lens; /* [R] each */
     const float *cos, *sin;                               /* [R, rotary_dim / 2] float32 */
 } DecodeStep;
-
-static inline float round_bf16(float f) { return bf16_to_float(float_to_bf16(f)); }
 
 static void project(const uint16_t *x, int64_t rows, int64_t in_features, const Projection *p,
                     uint16_t *y) {
@@ -143,11 +141,6 @@ static inline __m512 exp16(__m512 x) {
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
     return _mm512_scalef_ps(p, n);
-}
-
-static inline __m512 load16(const uint16_t *p) {
-    __m256i half = _mm256_loadu_si256((const __m256i *)p);
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
 }
 
 static inline __m512 round16(__m512 v) {

@@ -111,7 +111,6 @@ void enduro_linear(const uint16_t *x, int64_t M, int64_t K, const void *weight, 
                 }
                 for (int64_t m = 0; m < M; m += BLOCK_ROWS) {
                     const int64_t mr = M - m < BLOCK_ROWS ? M - m : BLOCK_ROWS;
-                    /* constant sizes, so the accumulators stay in registers */
                     /* From 5 rows of x on, the first pass over this block fetches the next
                      * block's weights into L1: at 16 rows the 72 decoder projections took
                      * 11.5 → 9.3 ms (bf16) and the int8 output projection 18.2 → 11.3 ms; with
@@ -120,6 +119,7 @@ void enduro_linear(const uint16_t *x, int64_t M, int64_t K, const void *weight, 
                                             ? (const char *)weight + (n + BLOCK_ROWS) * K * bytes
                                             : 0;
                     const int64_t row = K * bytes, step = 32 * bytes;
+                    /* constant sizes, so the accumulators stay in registers */
                     if (rows == BLOCK_ROWS && mr == 4) tile(x, K, m, 4, w, 4, sums, ahead, row, step);
                     else if (rows == BLOCK_ROWS && mr == 1) tile(x, K, m, 1, w, 4, sums, ahead, row, step);
                     else if (rows == BLOCK_ROWS && mr == 2) tile(x, K, m, 2, w, 4, sums, ahead, row, step);

@@ -19,14 +19,7 @@
 #define VECTOR 1
 #endif
 
-static inline float round_bf16(float f) { return bf16_to_float(float_to_bf16(f)); }
-
 #ifdef VECTOR
-static inline __m512 load16(const uint16_t *p) {
-    __m256i half = _mm256_loadu_si256((const __m256i *)p);
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
-}
-
 /* float32 → bf16, round to nearest even (the instruction's rounding, as torch's cast) */
 static inline __m256i pack16(__m512 v) { return (__m256i)_mm512_cvtneps_pbh(v); }
 
