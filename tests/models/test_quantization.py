@@ -119,3 +119,21 @@ def test_int4_head_quantizes_the_output_projection_only(
 def test_unknown_quantization_is_rejected(tiny_model_dir: Callable[[str], Path]) -> None:
     with pytest.raises(ValueError, match="quantization"):
         LLM(str(tiny_model_dir("llama")), quantization="bogus")
+
+
+def test_an_int8_engine_builds_its_widened_prefill_matmuls_at_start(
+    tiny_model_dir: Callable[[str], Path],
+) -> None:
+    llm = LLM(
+        str(tiny_model_dir("llama")),
+        dtype="bfloat16",
+        quantization="int8",
+        num_blocks=64,
+        max_num_batched_tokens=512,
+    )
+    model = llm.engine.runner.model
+    shapes = {m.shape_key() for m in model.layers.modules() if isinstance(m, Int8Linear)}
+    # Chunks of 256, 320, 384, 448 and 512 rows take the widened bf16 matmul: one layer of each
+    # shape runs them; nothing else in an int8 model builds oneDNN primitives.
+    assert len(shapes) >= 3
+    assert llm.engine.runner.num_warm_up_matmuls == 5 * len(shapes)

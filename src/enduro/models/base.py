@@ -17,6 +17,7 @@ from enduro.models.layers import (
     Linear,
     PackedLinear,
     RMSNorm,
+    WarmsUp,
     bucketed_linear,
     pack_weight,
     warm_up_matmuls,
@@ -93,13 +94,12 @@ class CausalLM(nn.Module):
     @torch.inference_mode()
     def warm_up(self, max_num_tokens: int, max_logit_rows: int) -> int:
         """Builds every matmul shape a step can run (`layers.warm_up_matmuls`): the decoder
-        layers' projections at up to max_num_tokens rows, the output projection at up to
-        max_logit_rows. Returns the number of matmuls run."""
+        layers' projections at up to max_num_tokens rows (plain, packed, and int8's widened
+        prefill path: `layers.WarmsUp`), the output projection at up to max_logit_rows. Returns
+        the number of matmuls run."""
         body = [(m.weight, m.bias) for m in self.layers.modules() if isinstance(m, Linear)]
-        # oneDNN keys primitives on shapes, not data: one packed layer of each shape will do.
-        packed_body = {
-            m.shape_key(): m for m in self.layers.modules() if isinstance(m, PackedLinear)
-        }
+        # oneDNN keys primitives on shapes, not data: one layer of each shape will do.
+        packed_body = {m.shape_key(): m for m in self.layers.modules() if isinstance(m, WarmsUp)}
         num_packed = sum(m.warm_up(max_num_tokens) for m in packed_body.values())
         head: list[tuple[torch.Tensor, torch.Tensor | None]] = []
         if self.lm_head is None:

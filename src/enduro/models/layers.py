@@ -1,6 +1,7 @@
 """Layers shared by every architecture: RMSNorm, fused linear projections, the gated MLP."""
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
+from typing import Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -95,6 +96,17 @@ def warm_up_matmuls(
             bucketed_linear(x, weight, bias)
             num_run += 1
     return num_run
+
+
+@runtime_checkable
+class WarmsUp(Protocol):
+    """A projection that builds oneDNN primitives of its own (`PackedLinear`, and int8's
+    widened prefill path): `warm_up` runs its row buckets once; layers with equal `shape_key`
+    share primitives, so one of them will do."""
+
+    def shape_key(self) -> Hashable: ...
+
+    def warm_up(self, max_rows: int) -> int: ...
 
 
 class PackedLinear(nn.Module):

@@ -16,7 +16,7 @@ from torch import nn
 from enduro import native
 from enduro.config import QUANTIZATIONS
 from enduro.models.base import CausalLM
-from enduro.models.layers import bucketed_linear
+from enduro.models.layers import bucketed_linear, row_buckets
 
 # The int4 kernel takes group sizes 32..256; at batch 1 (640 → 262,144) 32 costs 7.9 ms, 64
 # 7.3 ms, 128 9.0 ms; the smallest groups fit each scale to the fewest weights.
@@ -52,10 +52,11 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1]).to(KERNEL_DTYPE)
+        on_cpu = rows.device.type == "cpu"
         # enduro's kernel (`native/linear.c`) where it is built: 1.2x torch's at one row, 1.8x
         # at 128 (benchmarks/linear_kernels.py).
-        library = native.load() if rows.device.type == "cpu" else None
-        if library is not None and rows.shape[0] >= WIDENED_MIN_ROWS:
+        library = native.load() if on_cpu else None
+        if on_cpu and rows.shape[0] >= WIDENED_MIN_ROWS:
             # int8 is exact in bf16; the products are summed in float32 and rounded once, as
             # the kernels do, then scaled.
             summed = bucketed_linear(rows, self.weight.to(KERNEL_DTYPE), None)
@@ -75,6 +76,18 @@ class Int8Linear(nn.Module):
                 out.data_ptr(),
             )
         return _finish(out, self.bias, x)
+
+    def shape_key(self) -> tuple[str, int, int]:
+        """What oneDNN keys the widened matmuls' primitives on: layers alike share them."""
+        return "int8-widened", self.weight.shape[1], self.weight.shape[0]
+
+    def warm_up(self, max_rows: int) -> int:
+        """Runs each row bucket of max_rows or fewer that takes the widened path once, so its
+        oneDNN primitive is built at start-up (see `layers.warm_up_matmuls`)."""
+        buckets = [rows for rows in row_buckets(max_rows) if rows >= WIDENED_MIN_ROWS]
+        for rows in buckets:
+            self(torch.zeros(rows, self.weight.shape[1], dtype=KERNEL_DTYPE))
+        return len(buckets)
 
     def dequantized_weight(self) -> torch.Tensor:
         """The [N, K] float32 matrix this layer multiplies by."""
