@@ -88,7 +88,26 @@ def test_a_memory_ramp_fails_with_its_slope() -> None:
     assert verdict.memory.p_value < 0.01
     assert verdict.reasons == [
         "memory grows 3600.0 MiB/h (95 % CI 3600.0 to 3600.0, p = "
-        f"{verdict.memory.p_value:.2g}), above 64.0 MiB/h"
+        f"{verdict.memory.p_value:.2g}; 89.0 MiB over 89 s), above 64.0 MiB/h"
+    ]
+
+
+def test_a_steep_slope_that_adds_less_than_the_minimum_growth_passes() -> None:
+    # 0.0625 MiB/s = 225 MiB/h, above 64 MiB/h and significant, but over the 89 s fitted it
+    # adds 5.6 MiB, below the 16 MiB minimum: a short soak's settling creep, not a leak.
+    creep = rows(memory=lambda elapsed: 1000 * MIB + elapsed * MIB / 16)
+    verdict = compute_verdict(creep, samples(), [], CRITERIA, RUN)
+    assert verdict.memory is not None
+    assert verdict.memory.slope == pytest.approx(225 * MIB)
+    assert verdict.memory.p_value < 0.01
+    assert verdict.memory.span == 89.0
+    assert verdict.memory.growth == pytest.approx(89 * MIB / 16)
+    assert verdict.passed
+    # The same series fails once the minimum is below what it added.
+    strict = dataclasses.replace(CRITERIA, min_memory_growth=4 * MIB)
+    assert compute_verdict(creep, samples(), [], strict, RUN).reasons == [
+        "memory grows 225.0 MiB/h (95 % CI 225.0 to 225.0, p = "
+        f"{verdict.memory.p_value:.2g}; 5.6 MiB over 89 s), above 64.0 MiB/h"
     ]
 
 

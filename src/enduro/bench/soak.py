@@ -142,6 +142,8 @@ class SoakOptions:
     """Seconds left out of the memory fit and the drift; None: 10 % of the duration."""
     max_memory_slope: float = 64 * MIB
     """Bytes per hour of memory growth allowed."""
+    min_memory_growth: float = 16 * MIB
+    """Bytes a memory slope must add over the fitted span to fail the soak."""
     max_drift: float = 0.25
     """Relative rise of p99 TTFT and p99 TPOT allowed (first vs last 10 % of the run)."""
     fail_on_alert: bool = True
@@ -172,7 +174,13 @@ class SoakOptions:
     @property
     def criteria(self) -> VerdictCriteria:
         warmup = self.warmup if self.warmup is not None else 0.1 * self.duration
-        return VerdictCriteria(warmup, self.max_memory_slope, self.max_drift, self.fail_on_alert)
+        return VerdictCriteria(
+            warmup,
+            self.max_memory_slope,
+            self.max_drift,
+            self.fail_on_alert,
+            self.min_memory_growth,
+        )
 
 
 @dataclass
@@ -421,6 +429,10 @@ def soak_command(
     max_memory_slope: Annotated[
         float, typer.Option("--max-memory-slope", help="Bytes per hour (64 MiB).")
     ] = 64 * MIB,
+    min_memory_growth: Annotated[
+        float,
+        typer.Option("--min-memory-growth", min=0.0, help="Bytes over the fit (16 MiB)."),
+    ] = 16 * MIB,
     max_drift: Annotated[float, typer.Option("--max-drift", min=0.0, help=DRIFT_HELP)] = 0.25,
     fail_on_alert: Annotated[bool, typer.Option("--fail-on-alert/--no-fail-on-alert")] = True,
     serve_arg: Annotated[list[str] | None, typer.Option("--serve-arg", help=SERVE_HELP)] = None,
@@ -442,6 +454,7 @@ def soak_command(
             seed=seed,
             warmup=warmup,
             max_memory_slope=max_memory_slope,
+            min_memory_growth=min_memory_growth,
             max_drift=max_drift,
             fail_on_alert=fail_on_alert,
             serve_args=tuple(serve_arg or ()),

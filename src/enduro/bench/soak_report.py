@@ -1,11 +1,13 @@
 """The soak's report: its time series as CSV and PNGs, and the verdict as JSON and markdown.
 
 The verdict passes when no request failed, memory (API + engine, the KV pool excluded)
-shows no significant growth above the allowed slope after warm-up, p99 TTFT and p99 TPOT did
-not drift up by more than the allowed share between the first and the last 10 % of the time
-after warm-up (each p99 over the requests that finished in that tenth, pooled), and (unless
-told otherwise) the server raised no alert. PNGs use matplotlib's object API (`Figure` saved
-through the Agg canvas): no pyplot, so no global figure state and no display.
+shows no significant growth above the allowed slope after warm-up (a slope that adds less
+than a minimum over the fitted span is not counted, as in the guard's leak detector), p99
+TTFT and p99 TPOT did not drift up by more than the allowed share between the first and the
+last 10 % of the time after warm-up (each p99 over the requests that finished in that
+tenth, pooled), and (unless told otherwise) the server raised no alert. PNGs use
+matplotlib's object API (`Figure` saved through the Agg canvas): no pyplot, so no global
+figure state and no display.
 """
 
 import csv
@@ -95,6 +97,10 @@ class VerdictCriteria:
     max_memory_slope: float  # bytes per hour
     max_drift: float  # relative rise of p99 TTFT / TPOT allowed
     fail_on_alert: bool
+    # Bytes the fitted slope must add over the fitted span before it counts, the guard's
+    # leak_min_growth rule: over a few minutes a settling creep of a few MiB has a slope
+    # far above any hourly threshold without being a leak.
+    min_memory_growth: float = 16 * MIB
 
 
 @dataclass(frozen=True)
@@ -113,6 +119,12 @@ class MemoryTrend:
     high: float
     p_value: float  # Mann–Kendall, "no monotonic trend"
     num_points: int
+    span: float = 0.0  # seconds between the first and the last fitted reading
+
+    @property
+    def growth(self) -> float:
+        """Bytes the slope adds over the fitted span."""
+        return self.slope / 3600.0 * self.span
 
 
 @dataclass(frozen=True)
@@ -198,6 +210,7 @@ def memory_trend(rows: Sequence[Row], field_name: str | None = None) -> MemoryTr
         estimate.high * per_hour,
         estimate.p_value,
         estimate.num_points,
+        known[-1][0] - known[0][0],
     )
 
 
@@ -320,11 +333,16 @@ def _failures(
         reasons.append(f"{counts.failed} requests failed")
     if counts.ok == 0:
         reasons.append("no request succeeded")
-    if memory and memory.slope > criteria.max_memory_slope and memory.p_value < SIGNIFICANCE:
+    if (
+        memory
+        and memory.slope > criteria.max_memory_slope
+        and memory.p_value < SIGNIFICANCE
+        and memory.growth >= criteria.min_memory_growth
+    ):
         reasons.append(
             f"memory grows {memory.slope / MIB:.1f} MiB/h (95 % CI {memory.low / MIB:.1f} to "
-            f"{memory.high / MIB:.1f}, p = {memory.p_value:.2g}), above "
-            f"{criteria.max_memory_slope / MIB:.1f} MiB/h"
+            f"{memory.high / MIB:.1f}, p = {memory.p_value:.2g}; {memory.growth / MIB:.1f} MiB "
+            f"over {memory.span:.0f} s), above {criteria.max_memory_slope / MIB:.1f} MiB/h"
         )
     for name, figure in drifts.items():
         if figure.relative is not None and figure.relative > criteria.max_drift:
@@ -379,7 +397,8 @@ def _drift_cell(figure: Drift) -> str:
 def _slope_cell(trend: MemoryTrend) -> str:
     return (
         f"{trend.slope / MIB:+.2f} MiB/h (95 % CI {trend.low / MIB:+.2f} to "
-        f"{trend.high / MIB:+.2f}, p = {trend.p_value:.2g}, {trend.num_points} points)"
+        f"{trend.high / MIB:+.2f}, p = {trend.p_value:.2g}, {trend.num_points} points; "
+        f"{trend.growth / MIB:+.1f} MiB over {trend.span:.0f} s)"
     )
 
 
