@@ -202,3 +202,36 @@ def test_chunked_prefill_matches_one_forward(arch_name: str, tiny_model_dir: Any
     # The second chunk shares its step with another request's whole prompt.
     second = run_step(model, kv_caches, [prompt[7:], other], [7, 0], tables)[:10]
     assert float((torch.cat([first, second]) - whole).abs().max()) < 1e-5
+
+
+@pytest.mark.parametrize("arch_name", ARCHITECTURES)
+def test_a_step_mixing_decode_and_prompts_matches_separate_steps(
+    arch_name: str, tiny_model_dir: Any
+) -> None:
+    """A decode request between two prompts in one step: the step attends in two parts
+    (`AttentionMetadata.parts`), and each request's logits equal those of its own step."""
+    model = load_model(tiny_model_dir(arch_name))
+    decoding, prompt, chunked = random_prompts(model.arch.vocab_size, (11, 6, 17))
+    table_a, table_b, table_c = shuffled_block_tables([11, 6, 17])
+
+    def cache_after_the_first_prompt() -> list[KVCache]:
+        kv_caches = garbage_kv_caches(model.arch)
+        run_step(model, kv_caches, [decoding[:10]], [0], [table_a])
+        return kv_caches
+
+    kv_caches = cache_after_the_first_prompt()
+    alone = [
+        run_step(model, kv_caches, [[decoding[10]]], [10], [table_a]),
+        run_step(model, kv_caches, [prompt], [0], [table_b]),
+        run_step(model, kv_caches, [chunked[:9]], [0], [table_c]),
+    ]
+    mixed = run_step(
+        model,
+        cache_after_the_first_prompt(),
+        [prompt, [decoding[10]], chunked[:9]],
+        [0, 10, 0],
+        [table_b, table_a, table_c],
+    )
+    expected = torch.cat([alone[1], alone[0], alone[2]])
+    assert mixed.shape == expected.shape == (16, model.arch.vocab_size)
+    assert float((mixed - expected).abs().max()) < 1e-5

@@ -8,13 +8,14 @@ BLOCK_SIZE = 4
 
 
 def test_slots_positions_and_padded_layout() -> None:
-    # Request 0 prefills 3 tokens; request 1 decodes its 7th token (6 already computed).
-    attn, positions = build_attention_metadata([3, 1], [3, 7], [[5], [2, 9]], BLOCK_SIZE, [None])
-    assert positions.tolist() == [0, 1, 2, 6]
-    assert attn.slot_mapping.tolist() == [20, 21, 22, 9 * 4 + 2]
-    assert attn.padded_index.tolist() == [0, 1, 2, 3]
-    assert attn.query_start_loc.tolist() == [0, 3, 4]
+    # Request 0 prefills 3 tokens; request 1 computes positions 5 and 6 (5 already computed).
+    attn, positions = build_attention_metadata([3, 2], [3, 7], [[5], [2, 9]], BLOCK_SIZE, [None])
+    assert positions.tolist() == [0, 1, 2, 5, 6]
+    assert attn.slot_mapping.tolist() == [20, 21, 22, 9 * 4 + 1, 9 * 4 + 2]
+    assert attn.padded_index.tolist() == [0, 1, 2, 3, 4]
+    assert attn.query_start_loc.tolist() == [0, 3, 5]
     assert attn.block_tables[None].tolist() == [[5, 0], [2, 9]]
+    assert attn.parts == ()
     mask = attn.masks[None]
     assert mask.shape == (2, 1, 3, 8)
     assert mask[0, 0].int().tolist() == [
@@ -22,19 +23,47 @@ def test_slots_positions_and_padded_layout() -> None:
         [1, 1, 0, 0, 0, 0, 0, 0],
         [1, 1, 1, 0, 0, 0, 0, 0],
     ]
-    # Request 1's one query sees keys 0..6; its padding rows see the first key only.
+    # Request 1's queries see keys 0..5 and 0..6; its padding row sees the first key only.
     assert mask[1, 0].int().tolist() == [
+        [1, 1, 1, 1, 1, 1, 0, 0],
         [1, 1, 1, 1, 1, 1, 1, 0],
-        [1, 0, 0, 0, 0, 0, 0, 0],
         [1, 0, 0, 0, 0, 0, 0, 0],
     ]
 
 
+def test_a_mixed_step_attends_its_decode_and_prompt_requests_apart() -> None:
+    # Request 0 decodes its 7th token; request 1 prefills 3 tokens; request 2 decodes its 2nd.
+    tables = [[2, 9], [5], [7]]
+    attn, positions = build_attention_metadata([1, 3, 1], [7, 3, 2], tables, BLOCK_SIZE, [None])
+    assert positions.tolist() == [6, 0, 1, 2, 1]
+    assert attn.slot_mapping.tolist() == [9 * 4 + 2, 20, 21, 22, 7 * 4 + 1]
+    assert attn.query_start_loc.tolist() == [0, 1, 4, 5]
+    assert attn.seq_lens.tolist() == [7, 3, 2]
+    assert attn.max_query_len == 3  # not 1: the step is not a pure decode step
+    assert attn.masks == {} and attn.block_tables == {}  # no padded layout of the whole step
+    decode, prompt = attn.parts
+    assert decode.tokens.tolist() == [0, 4]
+    assert decode.metadata.max_query_len == 1
+    assert decode.metadata.seq_lens.tolist() == [7, 2]
+    assert decode.metadata.block_tables[None].tolist() == [[2, 9], [7, 0]]
+    assert decode.metadata.slot_mapping.tolist() == [9 * 4 + 2, 7 * 4 + 1]
+    assert prompt.tokens.tolist() == [1, 2, 3]
+    assert prompt.metadata.max_query_len == 3  # one request's rows, not three
+    assert prompt.metadata.padded_index.tolist() == [0, 1, 2]
+    assert prompt.metadata.masks[None].shape == (1, 1, 3, 4)
+    assert prompt.metadata.masks[None][0, 0].int().tolist() == [
+        [1, 0, 0, 0],
+        [1, 1, 0, 0],
+        [1, 1, 1, 0],
+    ]
+
+
 def test_window_tables_start_at_the_first_block_the_window_reaches() -> None:
-    # Window 6. Request 0 decodes position 17 (keys 12..17 visible: blocks 3, 4 of its table);
-    # request 1 computes positions 6..8 (keys from 1: blocks 0..2); request 2 is short.
+    # Window 6, all requests computing several tokens (one padded layout). Request 0 computes
+    # positions 17, 18 (keys from 12 visible: blocks 3, 4 of its table); request 1 positions
+    # 3..8 (keys from 0: blocks 0..2); request 2 is short.
     tables = [[10, 11, 12, 13, 14], [20, 21, 22], [30]]
-    attn, _ = build_attention_metadata([1, 3, 2], [18, 9, 2], tables, BLOCK_SIZE, [6, None])
+    attn, _ = build_attention_metadata([2, 6, 2], [19, 9, 2], tables, BLOCK_SIZE, [6, None])
     assert attn.block_tables[None].tolist() == [
         [10, 11, 12, 13, 14],
         [20, 21, 22, 0, 0],
@@ -44,16 +73,26 @@ def test_window_tables_start_at_the_first_block_the_window_reaches() -> None:
     # table's padding (index clamped to the last column).
     assert attn.block_tables[6].tolist() == [[13, 14, 14], [20, 21, 22], [30, 0, 0]]
     mask = attn.masks[6]
-    assert mask.shape == (3, 1, 3, 12)
-    # Request 0's key slots hold positions 12..23: it sees 12..17.
+    assert mask.shape == (3, 1, 6, 12)
+    # Request 0's key slots hold positions 12..23: at position 17 it sees 12..17, at 18 13..18.
     assert mask[0, 0, 0].int().tolist() == [1] * 6 + [0] * 6
-    # Request 1's query at position 8 sees 3..8; at position 6, 1..6.
-    assert mask[1, 0, 2].int().tolist() == [0, 0, 0] + [1] * 6 + [0] * 3
-    assert mask[1, 0, 0].int().tolist() == [0] + [1] * 6 + [0] * 5
-    # The full-attention mask of request 0 covers all 18 keys.
-    assert attn.masks[None][0, 0, 0].int().tolist() == [1] * 18 + [0] * 2
-    # What the decode kernel reads instead of masks: slot 0's position (block 3 → 12) and the
-    # first key the last token of each request sees (18 - 6, 9 - 6, none before 0).
+    assert mask[0, 0, 1].int().tolist() == [0] + [1] * 6 + [0] * 5
+    # Request 1's query at position 8 sees 3..8; at position 3, 0..3.
+    assert mask[1, 0, 5].int().tolist() == [0, 0, 0] + [1] * 6 + [0] * 3
+    assert mask[1, 0, 0].int().tolist() == [1] * 4 + [0] * 8
+    # The full-attention mask of request 0 covers all 18 keys before position 18.
+    assert attn.masks[None][0, 0, 1].int().tolist() == [1] * 19 + [0]
+    assert attn.table_starts[6].tolist() == [12, 0, 0]
+    assert attn.table_starts[None].tolist() == [0, 0, 0]
+
+
+def test_a_decode_step_under_a_window_names_the_keys_the_kernel_reads() -> None:
+    # What the decode kernel reads instead of masks: slot 0's position (request 0: block 3 →
+    # 12) and the first key the token of each request sees (18 - 6, 9 - 6, none before 0).
+    tables = [[10, 11, 12, 13, 14], [20, 21, 22], [30]]
+    attn, _ = build_attention_metadata([1, 1, 1], [18, 9, 2], tables, BLOCK_SIZE, [6, None])
+    assert attn.block_tables[6].tolist() == [[13, 14, 14], [20, 21, 22], [30, 0, 0]]
+    assert attn.masks[6][0, 0, 0].int().tolist() == [1] * 6 + [0] * 6
     assert attn.table_starts[6].tolist() == [12, 0, 0]
     assert attn.key_starts[6].tolist() == [12, 3, 0]
     assert attn.table_starts[None].tolist() == [0, 0, 0]
@@ -64,9 +103,9 @@ def test_window_gather_reads_the_same_keys_as_the_full_table() -> None:
     """The visible keys under the window's table equal those under the full table."""
     cache = torch.arange(15 * BLOCK_SIZE).view(15, BLOCK_SIZE)  # slot value = slot id
     tables = [[3, 7, 1, 12, 9], [4, 8]]
-    attn, _ = build_attention_metadata([2, 1], [19, 6], tables, BLOCK_SIZE, [5, None])
+    attn, _ = build_attention_metadata([2, 2], [19, 6], tables, BLOCK_SIZE, [5, None])
     for r in range(2):
-        for q in range(2 if r == 0 else 1):
+        for q in range(2):
             full = cache[attn.block_tables[None][r]].flatten()[attn.masks[None][r, 0, q]]
             windowed = cache[attn.block_tables[5][r]].flatten()[attn.masks[5][r, 0, q]]
             assert windowed.tolist() == full.tolist()[-5:]

@@ -3,7 +3,9 @@
 A step's T new tokens arrive flat (request after request). Their K/V are written into the
 cache slots `attn.slot_mapping` names; then every request's context is gathered through its
 block table, the queries are scattered into a padded [R, max_query_len] layout, and one
-batched attention call covers all requests. Sliding-window layers keep their full KV in the
+batched attention call covers all requests (a step of one-token queries only reads the
+blocks in place, in the native kernel; a step mixing them with prompt chunks attends in
+those two parts). Sliding-window layers keep their full KV in the
 cache but gather only the blocks their window can reach (`attn.block_tables[window]`); the
 mask does the exact windowing.
 
@@ -52,7 +54,26 @@ def paged_attention(
     num_kv_heads = k_cache.shape[2]
     k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, attn.slot_mapping, k)
     v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, attn.slot_mapping, v)
+    if not attn.parts:
+        return attend(q, kv_cache, attn, sliding_window, scale)
+    # A mixed step: its decode requests and its prompt chunks each attend in their own call.
+    out = q.new_empty(q.shape[0], num_heads * head_dim)
+    for part in attn.parts:
+        out[part.tokens] = attend(q[part.tokens], kv_cache, part.metadata, sliding_window, scale)
+    return out
 
+
+def attend(
+    q: torch.Tensor,
+    kv_cache: KVCache,
+    attn: AttentionMetadata,
+    sliding_window: int | None,
+    scale: float,
+) -> torch.Tensor:
+    """Attention of q [T, Hq, D] to the contexts in the cache (this step's K/V written) of
+    requests attended in one call (`attn` has no parts); returns [T, Hq * D]."""
+    k_cache, v_cache = kv_cache
+    num_heads, head_dim = q.shape[1:]
     num_requests, max_query_len = attn.num_requests, attn.max_query_len
     if max_query_len == 1 and q.dtype == torch.bfloat16 and q.device.type == "cpu":
         library = native.load()

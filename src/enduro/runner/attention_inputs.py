@@ -4,7 +4,7 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-from enduro.models.attention_metadata import AttentionMetadata
+from enduro.models.attention_metadata import AttentionMetadata, AttentionPart
 from enduro.models.layers import row_bucket
 
 
@@ -21,8 +21,56 @@ def build_attention_metadata(
     Request r computes its last `query_lens[r]` tokens out of `seq_lens[r]`; their K/V go to
     the slots its block table names for those positions. For a sliding window, each request's
     table starts at the block of the oldest key its first new token can still see, so a
-    window layer reads about `window` keys per request however long the context is.
+    window layer reads about `window` keys per request however long the context is. A step
+    mixing one-token queries with longer ones is split into two `parts`.
     """
+    windows = set(windows)
+    decode = [r for r, length in enumerate(query_lens) if length == 1]
+    if not 0 < len(decode) < len(query_lens):
+        return _one_part(query_lens, seq_lens, block_tables, block_size, windows, device)
+    prompt = [r for r, length in enumerate(query_lens) if length > 1]
+    query_start = [0, *torch.tensor(query_lens).cumsum(0).tolist()]
+    parts = []
+    num_tokens = query_start[-1]
+    positions = torch.empty(num_tokens, dtype=torch.long)
+    slot_mapping = torch.empty(num_tokens, dtype=torch.long)
+    for rows in (decode, prompt):
+        metadata, part_positions = _one_part(
+            [query_lens[r] for r in rows],
+            [seq_lens[r] for r in rows],
+            [block_tables[r] for r in rows],
+            block_size,
+            windows,
+            device,
+        )
+        tokens = torch.cat([torch.arange(query_start[r], query_start[r + 1]) for r in rows])
+        positions[tokens] = part_positions.cpu()
+        slot_mapping[tokens] = metadata.slot_mapping.cpu()
+        parts.append(AttentionPart(tokens.to(device), metadata))
+    metadata = AttentionMetadata(
+        slot_mapping=slot_mapping.to(device),
+        block_tables={},
+        seq_lens=torch.tensor(seq_lens, dtype=torch.long, device=device),
+        query_start_loc=torch.tensor(query_start, dtype=torch.long, device=device),
+        padded_index=torch.empty(0, dtype=torch.long, device=device),
+        max_query_len=row_bucket(max(query_lens)),
+        masks={},
+        table_starts={},
+        key_starts={},
+        parts=tuple(parts),
+    )
+    return metadata, positions.to(device)
+
+
+def _one_part(
+    query_lens: Sequence[int],
+    seq_lens: Sequence[int],
+    block_tables: Sequence[Sequence[int]],
+    block_size: int,
+    windows: set[int | None],
+    device: torch.device | str,
+) -> tuple[AttentionMetadata, torch.Tensor]:
+    """build_attention_metadata for requests attended in one call (one padded layout)."""
     num_requests = len(query_lens)
     # The padded query length is rounded up like a matmul's rows: the CPU attention kernel
     # keeps a compiled micro-kernel for every query length (tail) it sees, live memory that
@@ -60,7 +108,7 @@ def build_attention_metadata(
     masks: dict[int | None, torch.Tensor] = {}
     table_starts: dict[int | None, torch.Tensor] = {}
     key_starts: dict[int | None, torch.Tensor] = {}
-    for window in set(windows):
+    for window in windows:
         if window is None:
             first_block = torch.zeros(num_requests, dtype=torch.long)
         else:
