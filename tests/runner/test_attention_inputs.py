@@ -137,11 +137,14 @@ def test_a_pure_decode_step_is_not_padded() -> None:
 
 # Runs paged attention (bf16, Gemma 3 270M's heads) over one request's prefill chunks of
 # random lengths, twice with different draws, and prints how much live malloc memory the
-# second pass added: the state the CPU attention kernel keeps per query length.
+# second pass added: the state torch's CPU attention kernel keeps per query length (the
+# path without native kernels; the native prefill kernel keeps none).
 ATTENTION_MEMORY = """
 import json, random, sys
 import torch
+from enduro import native
 from enduro.models.attention import paged_attention
+native.use_native(False)
 from enduro.observability.process_memory import malloc_stats
 from enduro.runner import attention_inputs
 if sys.argv[1] == "exact":

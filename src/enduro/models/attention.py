@@ -75,10 +75,12 @@ def attend(
     k_cache, v_cache = kv_cache
     num_heads, head_dim = q.shape[1:]
     num_requests, max_query_len = attn.num_requests, attn.max_query_len
-    if max_query_len == 1 and q.dtype == torch.bfloat16 and q.device.type == "cpu":
+    if q.dtype == torch.bfloat16 and q.device.type == "cpu":
         library = native.load()
-        if library is not None:
+        if library is not None and max_query_len == 1:
             return decode_attention(library, q, kv_cache, attn, sliding_window, scale)
+        if library is not None:
+            return prefill_attention(library, q, kv_cache, attn, sliding_window, scale)
     # [R, num_blocks, block_size, Hkv, D] → [R, Hkv, S, D], S = num_blocks * block_size; a
     # sliding-window layer's tables start near the window, a global layer's at block 0.
     tables = attn.block_tables[sliding_window]
@@ -140,6 +142,44 @@ def decode_attention(
     if status != 0:
         raise MemoryError("decode attention: scratch memory could not be allocated")
     return out.view(num_requests, num_heads * head_dim)
+
+
+def prefill_attention(
+    library: native.Library,
+    q: torch.Tensor,
+    kv_cache: KVCache,
+    attn: AttentionMetadata,
+    sliding_window: int | None,
+    scale: float,
+) -> torch.Tensor:
+    """Prompt chunks' causal attention in the native kernel, read straight from the blocks:
+    no padded layout, no mask, no gathered copy; q [T, Hq, D] → [T, Hq * D]. bf16 on CPU."""
+    k_cache, v_cache = kv_cache
+    num_tokens, num_heads, head_dim = q.shape
+    q = q.contiguous()
+    out = torch.empty_like(q)
+    tables = attn.block_tables[sliding_window]
+    status = library.prefill_attention(
+        q.data_ptr(),
+        k_cache.data_ptr(),
+        v_cache.data_ptr(),
+        tables.data_ptr(),
+        tables.shape[1],
+        attn.table_starts[sliding_window].data_ptr(),
+        attn.query_start_loc.data_ptr(),
+        attn.seq_lens.data_ptr(),
+        sliding_window or 0,
+        attn.num_requests,
+        num_heads,
+        k_cache.shape[2],
+        head_dim,
+        k_cache.shape[1],
+        scale,
+        out.data_ptr(),
+    )
+    if status != 0:
+        raise MemoryError("prefill attention: scratch memory could not be allocated")
+    return out.view(num_tokens, num_heads * head_dim)
 
 
 class Attention(nn.Module):

@@ -8,7 +8,8 @@ key). Without a compiler, or if the build fails, `load()` returns None and calle
 their torch path; the reason is logged once.
 
 Kernels: `decode_attention` (attention of one new token per request straight from the paged
-KV cache, `decode_attention.c`), `rms_norm` (a whole norm, and the residual add after it, in
+KV cache, `decode_attention.c`), `prefill_attention` (of prompt chunks, causal, from the
+cache in place, `prefill_attention.c`), `rms_norm` (a whole norm, and the residual add after it, in
 one call, `rms_norm.c`), `linear_int8` / `linear_bf16` (a projection of a few rows on int8 or
 plain bf16 weights, `linear.c`), and `decode_layer` (a decoder layer's whole decode step,
 built from the others, `decode_layer.c`).
@@ -33,8 +34,14 @@ from enduro.loading.loader import default_cache_dir
 
 logger = logging.getLogger(__name__)
 
-SOURCES = ("decode_attention.c", "rms_norm.c", "linear.c", "decode_layer.c")
-HEADERS = ("bf16.h",)
+SOURCES = (
+    "decode_attention.c",
+    "prefill_attention.c",
+    "rms_norm.c",
+    "linear.c",
+    "decode_layer.c",
+)
+HEADERS = ("bf16.h", "paged.h")
 CFLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c11")
 
 _enabled = True
@@ -50,6 +57,7 @@ def use_native(enabled: bool) -> None:
 class Library:
     path: Path
     decode_attention: "ctypes._NamedFuncPointer"
+    prefill_attention: "ctypes._NamedFuncPointer"
     rms_norm: "ctypes._NamedFuncPointer"
     linear_int8: "ctypes._NamedFuncPointer"
     linear_bf16: "ctypes._NamedFuncPointer"
@@ -137,6 +145,9 @@ def _bind(path: Path) -> Library:
     pointer, i64 = ctypes.c_void_p, ctypes.c_int64
     fn.argtypes = [pointer] * 4 + [i64] + [pointer] * 3 + [i64] * 5 + [ctypes.c_float, pointer]
     fn.restype = ctypes.c_int
+    prefill = lib.enduro_prefill_attention
+    prefill.argtypes = [pointer] * 4 + [i64] + [pointer] * 3 + [i64] * 6 + [ctypes.c_float, pointer]
+    prefill.restype = ctypes.c_int
     norm = lib.enduro_rms_norm
     norm.argtypes = [
         pointer,
@@ -160,4 +171,4 @@ def _bind(path: Path) -> Library:
     layer = lib.enduro_decode_layer
     layer.argtypes = [pointer, pointer, i64, pointer, pointer]
     layer.restype = ctypes.c_int
-    return Library(path, fn, norm, int8, bf16, layer)
+    return Library(path, fn, prefill, norm, int8, bf16, layer)

@@ -18,6 +18,7 @@
 #endif
 
 #include "bf16.h"
+#include "paged.h"
 
 /* row[0:n] = bf16 src as float32; n is the head dim. */
 static inline void load_row(float *row, const uint16_t *src, int64_t n) {
@@ -54,14 +55,6 @@ static inline void axpy(float *acc, float w, const float *row, int64_t n) {
         _mm512_storeu_ps(acc + d, _mm512_fmadd_ps(weight, _mm512_loadu_ps(row + d), _mm512_loadu_ps(acc + d)));
 #endif
     for (; d < n; d++) acc[d] += w * row[d];
-}
-
-/* The cache slot of the key at `position` in a request's table, whose slot 0 is position
- * `table_start` (a multiple of block_size). */
-static inline int64_t slot_of(const int64_t *table, int64_t table_start, int64_t position,
-                              int64_t block_size) {
-    const int64_t index = position - table_start;
-    return table[index / block_size] * block_size + index % block_size;
 }
 
 /*
