@@ -3,16 +3,19 @@
 A step's T new tokens arrive flat (request after request). Their K/V are written into the
 cache slots `attn.slot_mapping` names; then every request's context is gathered through its
 block table, the queries are scattered into a padded [R, max_query_len] layout, and one
-batched attention call covers all requests (a step of one-token queries only reads the
-blocks in place, in the native kernel; a step mixing them with prompt chunks attends in
-those two parts). Sliding-window layers keep their full KV in the
-cache but gather only the blocks their window can reach (`attn.block_tables[window]`); the
-mask does the exact windowing.
+batched attention call covers all requests. In bf16 on CPU, native kernels read the blocks
+in place instead: one for decode steps (one query per request), one for prompt chunks
+(causal, scoring only the keys each query sees). A step mixing one-token queries with
+prompt chunks attends in those two parts (`AttentionMetadata.parts`). Sliding-window layers
+keep their full KV in the cache but gather only the blocks their window can reach
+(`attn.block_tables[window]`); the mask does the exact windowing.
 
 Invariant: the cache must hold finite values everywhere (allocate it with zeros). Keys past a
 request's length are masked, but their values still enter the softmax-weighted sum with weight
 0, and 0 * NaN is NaN.
 """
+
+import ctypes
 
 import torch
 import torch.nn.functional as F
@@ -116,32 +119,11 @@ def decode_attention(
 ) -> torch.Tensor:
     """A pure decode step's attention in the native kernel, read straight from the blocks
     (no gathered copy of the context): q [R, Hq, D] → [R, Hq * D]. bf16 on CPU only."""
-    k_cache, v_cache = kv_cache
-    num_requests, num_heads, head_dim = q.shape
-    q = q.contiguous()
-    out = torch.empty_like(q)
-    tables = attn.block_tables[sliding_window]
-    table_starts, key_starts = attn.table_starts[sliding_window], attn.key_starts[sliding_window]
-    status = library.decode_attention(
-        q.data_ptr(),
-        k_cache.data_ptr(),
-        v_cache.data_ptr(),
-        tables.data_ptr(),
-        tables.shape[1],
-        table_starts.data_ptr(),
-        key_starts.data_ptr(),
-        attn.seq_lens.data_ptr(),
-        num_requests,
-        num_heads,
-        k_cache.shape[2],
-        head_dim,
-        k_cache.shape[1],
-        scale,
-        out.data_ptr(),
+    key_starts = attn.key_starts[sliding_window].data_ptr()
+    request_args = (key_starts, attn.seq_lens.data_ptr())
+    return native_attention(
+        library.decode_attention, q, kv_cache, attn, sliding_window, scale, request_args
     )
-    if status != 0:
-        raise MemoryError("decode attention: scratch memory could not be allocated")
-    return out.view(num_requests, num_heads * head_dim)
 
 
 def prefill_attention(
@@ -154,21 +136,37 @@ def prefill_attention(
 ) -> torch.Tensor:
     """Prompt chunks' causal attention in the native kernel, read straight from the blocks:
     no padded layout, no mask, no gathered copy; q [T, Hq, D] → [T, Hq * D]. bf16 on CPU."""
+    query_starts = attn.query_start_loc.data_ptr()
+    request_args = (query_starts, attn.seq_lens.data_ptr(), sliding_window or 0)
+    return native_attention(
+        library.prefill_attention, q, kv_cache, attn, sliding_window, scale, request_args
+    )
+
+
+def native_attention(
+    kernel: "ctypes._NamedFuncPointer",
+    q: torch.Tensor,
+    kv_cache: KVCache,
+    attn: AttentionMetadata,
+    sliding_window: int | None,
+    scale: float,
+    request_args: tuple[int, ...],
+) -> torch.Tensor:
+    """Calls a native attention kernel with the arguments both share, around those that
+    say what each request attends (`request_args`); q [T, Hq, D] → [T, Hq * D]."""
     k_cache, v_cache = kv_cache
     num_tokens, num_heads, head_dim = q.shape
     q = q.contiguous()
     out = torch.empty_like(q)
     tables = attn.block_tables[sliding_window]
-    status = library.prefill_attention(
+    status = kernel(
         q.data_ptr(),
         k_cache.data_ptr(),
         v_cache.data_ptr(),
         tables.data_ptr(),
         tables.shape[1],
         attn.table_starts[sliding_window].data_ptr(),
-        attn.query_start_loc.data_ptr(),
-        attn.seq_lens.data_ptr(),
-        sliding_window or 0,
+        *request_args,
         attn.num_requests,
         num_heads,
         k_cache.shape[2],
@@ -178,7 +176,7 @@ def prefill_attention(
         out.data_ptr(),
     )
     if status != 0:
-        raise MemoryError("prefill attention: scratch memory could not be allocated")
+        raise MemoryError("attention: scratch memory could not be allocated")
     return out.view(num_tokens, num_heads * head_dim)
 
 
