@@ -4,6 +4,7 @@ from typing import Any
 import pytest
 import torch
 
+from enduro import native
 from enduro.runner import sampler as sampler_module
 from enduro.runner.sampler import (
     RequestState,
@@ -11,16 +12,25 @@ from enduro.runner.sampler import (
     apply_penalties,
     apply_top_k_top_p_min_p,
     inverse_cdf_draw,
+    natively_sampled,
     token_logprobs,
 )
 from enduro.sampling_params import SamplingParams
+
+
+@pytest.fixture(params=[True, False], ids=["native", "torch"])
+def use_native(request: pytest.FixtureRequest) -> Any:
+    """Runs a test with the native sampler and again with the torch path alone."""
+    native.use_native(request.param)
+    yield request.param
+    native.use_native(True)
 
 
 def _states(sampler: Sampler, *params: SamplingParams) -> list[RequestState]:
     return [sampler.new_state(p, [0, 1]) for p in params]
 
 
-def test_greedy_takes_the_argmax() -> None:
+def test_greedy_takes_the_argmax(use_native: bool) -> None:
     sampler = Sampler(seed=0, device=torch.device("cpu"))
     logits = torch.tensor([[0.0, 3.0, 1.0], [5.0, 1.0, 2.0]])
     tokens, logprobs = sampler.sample(
@@ -30,14 +40,17 @@ def test_greedy_takes_the_argmax() -> None:
     assert logprobs == [None, None]
 
 
-def test_seeded_sampling_ignores_the_rest_of_the_batch() -> None:
+def test_seeded_sampling_ignores_the_rest_of_the_batch(use_native: bool) -> None:
     sampler = Sampler(seed=0, device=torch.device("cpu"))
     torch.manual_seed(1)
     row = torch.randn(1, 50)
     seeded = SamplingParams(temperature=1.0, seed=1234)
     alone = [sampler.sample(row, _states(sampler, seeded))[0][0] for _ in range(1)]
     mixed_batch = torch.cat([torch.randn(3, 50), row])
-    states = _states(sampler, SamplingParams(), SamplingParams(seed=7), SamplingParams(), seeded)
+    # A row with top-p beside it: with native kernels that row takes the torch path and the
+    # others the native one, in the same step.
+    others = (SamplingParams(), SamplingParams(seed=7), SamplingParams(top_p=0.9))
+    states = _states(sampler, *others, seeded)
     mixed = sampler.sample(mixed_batch, states)[0][3]
     assert mixed == alone[0]
     # The same seeded state keeps drawing a reproducible sequence.
@@ -48,7 +61,7 @@ def test_seeded_sampling_ignores_the_rest_of_the_batch() -> None:
     assert draws_a == draws_b
 
 
-def test_random_samples_follow_the_distribution_and_skip_masked_tokens() -> None:
+def test_random_samples_follow_the_distribution_and_skip_masked_tokens(use_native: bool) -> None:
     sampler = Sampler(seed=0, device=torch.device("cpu"))
     probs = torch.tensor([0.5, 0.0, 0.3, 0.2, 0.0])
     logits = probs.log().expand(20_000, -1)  # zeros become -inf: never drawable
@@ -87,6 +100,68 @@ def test_inverse_cdf_draw_never_lands_on_zero_mass() -> None:
     assert inverse_cdf_draw(probs, highest).tolist() == [700, 700, 700]
     middle = torch.tensor([0.2499, 0.2501, 0.9], dtype=torch.float64)
     assert inverse_cdf_draw(probs, middle).tolist() == [3, 700, 700]
+
+
+def native_draws(
+    logits: torch.Tensor, temperatures: list[float], uniforms: list[float]
+) -> list[int]:
+    """`native/sample.c` on logits [R, V] (bf16 or float32) with the given uniforms."""
+    library = native.load()
+    assert library is not None
+    temperature = torch.tensor(temperatures, dtype=torch.float32)
+    uniform = torch.tensor(uniforms, dtype=torch.float64)
+    tokens = torch.empty(len(temperatures), dtype=torch.int64)
+    status = library.sample(
+        logits.data_ptr(),
+        logits.dtype == torch.bfloat16,
+        logits.shape[0],
+        logits.shape[1],
+        temperature.data_ptr(),
+        uniform.data_ptr(),
+        tokens.data_ptr(),
+    )
+    assert status == 0
+    return [int(t) for t in tokens]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_the_native_draw_inverts_the_same_cumulative_sum(dtype: torch.dtype) -> None:
+    # 1,300 tokens (two blocks of 512 and a short one), a tenth of them masked with -inf,
+    # three temperatures: the native sampler picks the token the torch path picks from
+    # softmax(logits / t) with the same uniform.
+    generator = torch.Generator().manual_seed(3)
+    logits = (torch.randn(3, 1300, generator=generator) * 3).to(dtype)
+    logits[torch.rand(3, 1300, generator=generator) < 0.1] = float("-inf")
+    temperatures = [0.7, 1.0, 1.6]
+    scaled = logits.float() / torch.tensor(temperatures).unsqueeze(1)
+    probs = torch.softmax(scaled, dim=-1)
+    for _ in range(40):
+        uniforms = torch.rand(3, generator=generator, dtype=torch.float64)
+        expected = inverse_cdf_draw(probs, uniforms).tolist()
+        assert native_draws(logits, temperatures, uniforms.tolist()) == expected
+    # Greedy rows (temperature 0): the first of equal largest logits, as torch's argmax.
+    ties = torch.zeros(2, 40, dtype=dtype)
+    ties[0, [5, 17]] = 2.0
+    ties[1, 39] = 1.0
+    assert native_draws(ties, [0.0, 0.0], [0.5, 0.5]) == [5, 39]
+
+
+def test_the_native_draw_never_lands_on_a_masked_token() -> None:
+    # Weight only in tokens 3 and 700; u at the ends of [0, 1).
+    logits = torch.full((4, 1300), float("-inf"))
+    logits[:, 3], logits[:, 700] = math.log(0.25), math.log(0.75)
+    uniforms = [0.0, 1 - 2**-53, 0.2499, 0.2501]
+    assert native_draws(logits, [1.0] * 4, uniforms) == [3, 700, 3, 700]
+
+
+def test_only_rows_asking_for_a_temperature_alone_are_sampled_natively() -> None:
+    assert natively_sampled(SamplingParams())
+    assert natively_sampled(SamplingParams(temperature=0.0, seed=3, max_tokens=5))
+    assert not natively_sampled(SamplingParams(logprobs=2))
+    assert not natively_sampled(SamplingParams(top_p=0.9))
+    assert not natively_sampled(SamplingParams(top_k=5))
+    assert not natively_sampled(SamplingParams(min_p=0.1))
+    assert not natively_sampled(SamplingParams(presence_penalty=0.5))
 
 
 def test_top_k_top_p_min_p_masks() -> None:

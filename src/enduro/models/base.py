@@ -80,16 +80,18 @@ class CausalLM(nn.Module):
             hidden = layer(hidden, ropes[rope_index], attn, kv_cache)
         return self.norm(hidden)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden: [N, hidden] → logits [N, vocab] in float32."""
+    def compute_logits(self, hidden: torch.Tensor, keep_dtype: bool = False) -> torch.Tensor:
+        """hidden: [N, hidden] → logits [N, vocab] in float32, or with keep_dtype in the
+        output projection's own dtype (bf16: what the native sampler reads, 16 MB of float32
+        copies fewer a 16-row step) unless a final softcap needs float32."""
         if self.lm_head is None:
-            logits = bucketed_linear(hidden, self.embed_tokens.weight, None).float()
+            logits = bucketed_linear(hidden, self.embed_tokens.weight, None)
         else:
-            logits = self.lm_head(hidden).float()
+            logits = self.lm_head(hidden)
         cap = self.arch.final_logit_softcap
         if cap is not None:
-            logits = torch.tanh(logits / cap) * cap
-        return logits
+            return torch.tanh(logits.float() / cap) * cap
+        return logits if keep_dtype else logits.float()
 
     @torch.inference_mode()
     def warm_up(self, max_num_tokens: int, max_logit_rows: int) -> int:

@@ -12,7 +12,8 @@ KV cache, `decode_attention.c`), `prefill_attention` (of prompt chunks, causal, 
 cache in place, `prefill_attention.c`), `rms_norm` (a whole norm, and the residual add after it, in
 one call, `rms_norm.c`), `linear_int8` / `linear_bf16` (a projection of a few rows on int8 or
 plain bf16 weights, `linear.c`), and `decode_layer` (a decoder layer's whole decode step,
-built from the others, `decode_layer.c`).
+built from the others, `decode_layer.c`), and `sample` (a step's next tokens: argmax or an
+inverse-CDF draw per row, `sample.c`).
 """
 
 import ctypes
@@ -40,8 +41,9 @@ SOURCES = (
     "rms_norm.c",
     "linear.c",
     "decode_layer.c",
+    "sample.c",
 )
-HEADERS = ("bf16.h", "paged.h")
+HEADERS = ("bf16.h", "paged.h", "vexp.h")
 CFLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c11")
 
 _enabled = True
@@ -62,6 +64,7 @@ class Library:
     linear_int8: "ctypes._NamedFuncPointer"
     linear_bf16: "ctypes._NamedFuncPointer"
     decode_layer: "ctypes._NamedFuncPointer"
+    sample: "ctypes._NamedFuncPointer"
 
 
 def enabled() -> bool:
@@ -171,4 +174,7 @@ def _bind(path: Path) -> Library:
     layer = lib.enduro_decode_layer
     layer.argtypes = [pointer, pointer, i64, pointer, pointer]
     layer.restype = ctypes.c_int
-    return Library(path, fn, prefill, norm, int8, bf16, layer)
+    sample = lib.enduro_sample
+    sample.argtypes = [pointer, ctypes.c_int, i64, i64, pointer, pointer, pointer]
+    sample.restype = ctypes.c_int
+    return Library(path, fn, prefill, norm, int8, bf16, layer, sample)

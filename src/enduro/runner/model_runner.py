@@ -135,7 +135,7 @@ class ModelRunner:
         hidden = self.model(inputs.input_ids, inputs.positions, inputs.attn, self.kv_cache.layers)
         result.prompt_logprobs = self._prompt_logprobs(output, hidden)
         if inputs.sample_request_ids:
-            logits = self.model.compute_logits(hidden[inputs.sample_rows])
+            logits = self.model.compute_logits(hidden[inputs.sample_rows], keep_dtype=True)
             states = [self.states[rid] for rid in inputs.sample_request_ids]
             token_ids, logprobs = self.sampler.sample(logits, states)
             for rid, state, token, lp in zip(

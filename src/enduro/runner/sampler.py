@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from enduro import native
 from enduro.outputs import TokenLogprobs
 from enduro.sampling_params import SamplingParams
 
@@ -25,6 +26,18 @@ class RequestState:
     num_prompt_logprobs_done: int = 0
 
 
+def natively_sampled(params: SamplingParams) -> bool:
+    """Whether the native sampler can take a request's rows: greedy, or a temperature with no
+    logprobs, penalties or top-k / top-p / min-p filters."""
+    return (
+        params.logprobs is None
+        and not params.has_penalties
+        and params.top_k == 0
+        and params.top_p >= 1.0
+        and params.min_p == 0.0
+    )
+
+
 class Sampler:
     def __init__(self, seed: int, device: torch.device) -> None:
         self.device = device
@@ -39,7 +52,68 @@ class Sampler:
     def sample(
         self, logits: torch.Tensor, states: list[RequestState]
     ) -> tuple[list[int], list[TokenLogprobs | None]]:
-        """logits: [R, V] float32, one row per request in `states`."""
+        """logits: [R, V], one row per request in `states`, float32 or the model's bf16.
+
+        Rows asking for nothing but a temperature (`natively_sampled`) go to the native
+        sampler when it is loaded, which reads the logits as they are; the others take the
+        torch path in float32. The choice rests on each row's own settings, so a seeded
+        request draws the same tokens whatever shares its batch."""
+        library = native.load() if logits.device.type == "cpu" else None
+        plain = [i for i, s in enumerate(states) if natively_sampled(s.params)]
+        if library is None or not plain:
+            return self._sample_torch(logits.float(), states)
+        if len(plain) == len(states):
+            return self._sample_native(library, logits, states), [None] * len(states)
+        token_ids: list[int] = [0] * len(states)
+        logprobs: list[TokenLogprobs | None] = [None] * len(states)
+        rows = torch.tensor(plain, device=logits.device)
+        chosen = self._sample_native(library, logits[rows], [states[i] for i in plain])
+        for i, token in zip(plain, chosen, strict=True):
+            token_ids[i] = token
+        native_rows = set(plain)
+        rest = [i for i in range(len(states)) if i not in native_rows]
+        rest_rows = torch.tensor(rest, device=logits.device)
+        tokens, rest_logprobs = self._sample_torch(
+            logits[rest_rows].float(), [states[i] for i in rest]
+        )
+        for i, token, lp in zip(rest, tokens, rest_logprobs, strict=True):
+            token_ids[i], logprobs[i] = token, lp
+        return token_ids, logprobs
+
+    def _sample_native(
+        self, library: native.Library, logits: torch.Tensor, states: list[RequestState]
+    ) -> list[int]:
+        """Greedy rows' argmax and the others' inverse-CDF draws in `native/sample.c`, one
+        uniform per sampled row from its own generator, as on the torch path."""
+        logits = logits.contiguous()
+        temperatures = torch.tensor(
+            [0.0 if s.params.greedy else s.params.temperature for s in states],
+            dtype=torch.float32,
+        )
+        uniforms = torch.zeros(len(states), dtype=torch.float64)
+        for i, state in enumerate(states):
+            if not state.params.greedy:
+                generator = state.generator or self.shared_generator
+                uniforms[i] = torch.rand(1, dtype=torch.float64, generator=generator)
+        tokens = torch.empty(len(states), dtype=torch.int64)
+        status = library.sample(
+            logits.data_ptr(),
+            logits.dtype == torch.bfloat16,
+            len(states),
+            logits.shape[1],
+            temperatures.data_ptr(),
+            uniforms.data_ptr(),
+            tokens.data_ptr(),
+        )
+        if status != 0:
+            raise MemoryError("sampling: scratch memory could not be allocated")
+        token_ids: list[int] = tokens.tolist()
+        return token_ids
+
+    def _sample_torch(
+        self, logits: torch.Tensor, states: list[RequestState]
+    ) -> tuple[list[int], list[TokenLogprobs | None]]:
+        """logits: [R, V] float32."""
         raw_logprobs = None
         if any(s.params.logprobs is not None for s in states):
             raw_logprobs = torch.log_softmax(logits, dim=-1)
