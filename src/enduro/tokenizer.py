@@ -61,19 +61,50 @@ class Tokenizer:
         return self.decode([token_id], skip_special_tokens=False)
 
 
+# Tokens before the first new one that the fallback decodes with it, for context (a leading
+# space, a pending byte token).
+FALLBACK_CONTEXT = 6
+
+
 class IncrementalDetokenizer:
     """Turns a growing list of token ids into text deltas.
 
     A character spread over several byte tokens comes out whole, in the delta of the token
     that completes it, never split across deltas.
+
+    tokenizers' DecodeStream raises when the text of the ids so far is not a prefix of the
+    text with one more id, which byte tokens that form no valid UTF-8 followed by another
+    token cause (a sampled model can emit any sequence). From then on the request's text
+    comes from decoding a short window instead: the ids since the last delta plus a few
+    before them, whose own text is cut off the front.
     """
 
     def __init__(self, tokenizer: Tokenizer) -> None:
+        self._tokenizer = tokenizer
         self._backend = tokenizer.backend
-        self._stream = DecodeStream(skip_special_tokens=True)
+        self._stream: DecodeStream | None = DecodeStream(skip_special_tokens=True)
+        self._ids: list[int] = []
+        self._shown = 0  # ids whose text has been returned (fallback only)
 
     def add(self, token_id: int) -> str:
-        return self._stream.step(self._backend, token_id) or ""
+        self._ids.append(token_id)
+        if self._stream is not None:
+            try:
+                return self._stream.step(self._backend, token_id) or ""
+            except Exception:  # tokenizers raises a bare Exception for this
+                self._stream = None
+                self._shown = len(self._ids) - 1
+        return self._window_delta()
+
+    def _window_delta(self) -> str:
+        start = max(0, self._shown - FALLBACK_CONTEXT)
+        before = self._tokenizer.decode(self._ids[start : self._shown])
+        text = self._tokenizer.decode(self._ids[start:])
+        # An incomplete multi-byte character decodes to U+FFFD: wait for its other bytes.
+        if len(text) <= len(before) or text.endswith("\ufffd"):
+            return ""
+        self._shown = len(self._ids)
+        return text[len(before) :]
 
 
 class StopStringMatcher:

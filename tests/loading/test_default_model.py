@@ -10,11 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tokenizers.decoders import DecodeStream
 from transformers import AutoTokenizer
 from transformers.integrations.gguf.reader import read_gguf_metadata
 
 from enduro.loading.gguf_reader import read_gguf
 from enduro.loading.loader import ModelFiles, open_model, resolve_model_path
+from enduro.tokenizer import IncrementalDetokenizer, Tokenizer
 
 pytestmark = pytest.mark.slow
 
@@ -128,3 +130,21 @@ def test_default_path_is_the_assembled_gguf() -> None:
     assert path.name == "gemma-3-270m-q4_k_m.gguf"
     assert path.is_absolute()
     assert Path(path).stat().st_size > 250_000_000
+
+
+def test_streamed_text_survives_byte_tokens_that_form_no_character(
+    default_model: ModelFiles,
+) -> None:
+    # A sampled model can emit byte tokens that form no UTF-8 character (here 452, a lone
+    # lead byte) and then a word: tokenizers' DecodeStream raises on the word. The
+    # detokenizer goes on from a window of the last ids and drops the broken byte.
+    assert default_model.tokenizer_dir is not None
+    tokenizer = Tokenizer(default_model.tokenizer_dir)
+    ids = [2, 9259, 1902, 362, 332, 452, 69328, 236764, 506, 5279]
+    stream = DecodeStream(skip_special_tokens=True)
+    with pytest.raises(Exception, match="Invalid prefix"):
+        for token_id in ids:
+            stream.step(tokenizer.backend, token_id)
+    detokenizer = IncrementalDetokenizer(tokenizer)
+    deltas = [detokenizer.add(token_id) for token_id in ids]
+    assert deltas == ["", "Hello", " world", "|", "^", "", " chauff", ",", " the", " capital"]
