@@ -12,8 +12,9 @@ KV cache, `decode_attention.c`), `prefill_attention` (of prompt chunks, causal, 
 cache in place, `prefill_attention.c`), `rms_norm` (a whole norm, and the residual add after it, in
 one call, `rms_norm.c`), `linear_int8` / `linear_bf16` (a projection of a few rows on int8 or
 plain bf16 weights, `linear.c`), and `decode_layer` (a decoder layer's whole decode step,
-built from the others, `decode_layer.c`), and `sample` (a step's next tokens: argmax or an
-inverse-CDF draw per row, `sample.c`).
+built from the others, `decode_layer.c`, which also exports its gated activation, `act_and_mul`, for
+prompts), and `sample` (a step's next tokens: argmax or an inverse-CDF draw per row,
+`sample.c`).
 """
 
 import ctypes
@@ -65,6 +66,7 @@ class Library:
     linear_bf16: "ctypes._NamedFuncPointer"
     decode_layer: "ctypes._NamedFuncPointer"
     sample: "ctypes._NamedFuncPointer"
+    act_and_mul: "ctypes._NamedFuncPointer"
 
 
 def enabled() -> bool:
@@ -177,4 +179,7 @@ def _bind(path: Path) -> Library:
     sample = lib.enduro_sample
     sample.argtypes = [pointer, ctypes.c_int, i64, i64, pointer, pointer, pointer]
     sample.restype = ctypes.c_int
-    return Library(path, fn, prefill, norm, int8, bf16, layer, sample)
+    act = lib.enduro_act_and_mul
+    act.argtypes = [pointer, i64, i64, ctypes.c_int, pointer]
+    act.restype = None
+    return Library(path, fn, prefill, norm, int8, bf16, layer, sample, act)

@@ -176,6 +176,13 @@ static void act_and_mul(const uint16_t *gate_up, int64_t rows, int64_t inter, in
     }
 }
 
+/* The same for any number of rows, for the prompt path (models/fused.py): activation 0 is
+ * silu, 1 gelu (tanh). */
+void enduro_act_and_mul(const uint16_t *gate_up, int64_t rows, int64_t inter, int activation,
+                        uint16_t *m) {
+    act_and_mul(gate_up, rows, inter, activation, m);
+}
+
 /* out = bf16(a + b), elementwise over n values */
 static void add(const uint16_t *a, const uint16_t *b, int64_t n, uint16_t *out) {
     for (int64_t i = 0; i < n; i++) out[i] = float_to_bf16(bf16_to_float(a[i]) + bf16_to_float(b[i]));
