@@ -146,6 +146,14 @@ def test_the_native_draw_inverts_the_same_cumulative_sum(dtype: torch.dtype) -> 
     assert native_draws(ties, [0.0, 0.0], [0.5, 0.5]) == [5, 39]
 
 
+def test_logits_the_native_sampler_cannot_read_take_the_torch_path() -> None:
+    # float16 logits (a float16 model): cast to float32 for the torch path, same tokens.
+    sampler = Sampler(seed=0, device=torch.device("cpu"))
+    logits = torch.tensor([[0.0, 3.0, 1.0], [5.0, 1.0, 2.0]])
+    greedy = _states(sampler, *[SamplingParams(temperature=0)] * 2)
+    assert sampler.sample(logits.half(), greedy)[0] == [1, 0]
+
+
 def test_the_native_draw_never_lands_on_a_masked_token() -> None:
     # Weight only in tokens 3 and 700; u at the ends of [0, 1).
     logits = torch.full((4, 1300), float("-inf"))

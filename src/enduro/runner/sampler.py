@@ -58,7 +58,8 @@ class Sampler:
         sampler when it is loaded, which reads the logits as they are; the others take the
         torch path in float32. The choice rests on each row's own settings, so a seeded
         request draws the same tokens whatever shares its batch."""
-        library = native.load() if logits.device.type == "cpu" else None
+        readable = logits.device.type == "cpu" and logits.dtype in (torch.bfloat16, torch.float32)
+        library = native.load() if readable else None
         plain = [i for i, s in enumerate(states) if natively_sampled(s.params)]
         if library is None or not plain:
             return self._sample_torch(logits.float(), states)
