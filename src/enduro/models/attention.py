@@ -15,8 +15,6 @@ request's length are masked, but their values still enter the softmax-weighted s
 0, and 0 * NaN is NaN.
 """
 
-import ctypes
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -78,12 +76,9 @@ def attend(
     k_cache, v_cache = kv_cache
     num_heads, head_dim = q.shape[1:]
     num_requests, max_query_len = attn.num_requests, attn.max_query_len
-    if q.dtype == torch.bfloat16 and q.device.type == "cpu":
-        library = native.load()
-        if library is not None and max_query_len == 1:
-            return decode_attention(library, q, kv_cache, attn, sliding_window, scale)
-        if library is not None:
-            return prefill_attention(library, q, kv_cache, attn, sliding_window, scale)
+    library = native.load() if q.dtype == torch.bfloat16 and q.device.type == "cpu" else None
+    if library is not None:
+        return native_attention(library, q, kv_cache, attn, sliding_window, scale)
     # [R, num_blocks, block_size, Hkv, D] → [R, Hkv, S, D], S = num_blocks * block_size; a
     # sliding-window layer's tables start near the window, a global layer's at block 0.
     tables = attn.block_tables[sliding_window]
@@ -109,53 +104,31 @@ def attend(
     return out[attn.padded_index]
 
 
-def decode_attention(
-    library: native.Library,
-    q: torch.Tensor,
-    kv_cache: KVCache,
-    attn: AttentionMetadata,
-    sliding_window: int | None,
-    scale: float,
-) -> torch.Tensor:
-    """A pure decode step's attention in the native kernel, read straight from the blocks
-    (no gathered copy of the context): q [R, Hq, D] → [R, Hq * D]. bf16 on CPU only."""
-    key_starts = attn.key_starts[sliding_window].data_ptr()
-    request_args = (key_starts, attn.seq_lens.data_ptr())
-    return native_attention(
-        library.decode_attention, q, kv_cache, attn, sliding_window, scale, request_args
-    )
-
-
-def prefill_attention(
-    library: native.Library,
-    q: torch.Tensor,
-    kv_cache: KVCache,
-    attn: AttentionMetadata,
-    sliding_window: int | None,
-    scale: float,
-) -> torch.Tensor:
-    """Prompt chunks' causal attention in the native kernel, read straight from the blocks:
-    no padded layout, no mask, no gathered copy; q [T, Hq, D] → [T, Hq * D]. bf16 on CPU."""
-    query_starts = attn.query_start_loc.data_ptr()
-    request_args = (query_starts, attn.seq_lens.data_ptr(), sliding_window or 0)
-    return native_attention(
-        library.prefill_attention, q, kv_cache, attn, sliding_window, scale, request_args
-    )
-
-
 def native_attention(
-    kernel: "ctypes._NamedFuncPointer",
+    library: native.Library,
     q: torch.Tensor,
     kv_cache: KVCache,
     attn: AttentionMetadata,
     sliding_window: int | None,
     scale: float,
-    request_args: tuple[int, ...],
 ) -> torch.Tensor:
-    """Calls a native attention kernel with the arguments both share, around those that
-    say what each request attends (`request_args`); q [T, Hq, D] → [T, Hq * D]."""
+    """Attention in enduro's native kernels, read straight from the blocks (no padded layout,
+    mask or gathered copy); q [T, Hq, D] → [T, Hq * D], bf16 on CPU. A pure decode step (one
+    query per request) takes the decode kernel, with each request's first visible key; prompt
+    chunks the causal prefill kernel, with each request's tokens and the window."""
     k_cache, v_cache = kv_cache
     num_tokens, num_heads, head_dim = q.shape
+    request_args: tuple[int, ...]
+    if attn.max_query_len == 1:
+        kernel = library.decode_attention
+        request_args = (attn.key_starts[sliding_window].data_ptr(), attn.seq_lens.data_ptr())
+    else:
+        kernel = library.prefill_attention
+        request_args = (
+            attn.query_start_loc.data_ptr(),
+            attn.seq_lens.data_ptr(),
+            sliding_window or 0,
+        )
     q = q.contiguous()
     out = torch.empty_like(q)
     tables = attn.block_tables[sliding_window]

@@ -1,5 +1,6 @@
 """Block tables and lengths → the tensors attention needs (`AttentionMetadata`) and positions."""
 
+import itertools
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -29,11 +30,10 @@ def build_attention_metadata(
     if not 0 < len(decode) < len(query_lens):
         return _one_part(query_lens, seq_lens, block_tables, block_size, windows, device)
     prompt = [r for r, length in enumerate(query_lens) if length > 1]
-    query_start = [0, *torch.tensor(query_lens).cumsum(0).tolist()]
+    query_start = [0, *itertools.accumulate(query_lens)]
+    positions = torch.empty(query_start[-1], dtype=torch.long)
+    slot_mapping = torch.empty(query_start[-1], dtype=torch.long)
     parts = []
-    num_tokens = query_start[-1]
-    positions = torch.empty(num_tokens, dtype=torch.long)
-    slot_mapping = torch.empty(num_tokens, dtype=torch.long)
     for rows in (decode, prompt):
         metadata, part_positions = _one_part(
             [query_lens[r] for r in rows],
