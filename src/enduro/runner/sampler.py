@@ -60,25 +60,22 @@ class Sampler:
         request draws the same tokens whatever shares its batch."""
         readable = logits.device.type == "cpu" and logits.dtype in (torch.bfloat16, torch.float32)
         library = native.load() if readable else None
-        plain = [i for i, s in enumerate(states) if natively_sampled(s.params)]
-        if library is None or not plain:
-            return self._sample_torch(logits.float(), states)
-        if len(plain) == len(states):
-            return self._sample_native(library, logits, states), [None] * len(states)
+        on_native = [library is not None and natively_sampled(s.params) for s in states]
         token_ids: list[int] = [0] * len(states)
         logprobs: list[TokenLogprobs | None] = [None] * len(states)
-        rows = torch.tensor(plain, device=logits.device)
-        chosen = self._sample_native(library, logits[rows], [states[i] for i in plain])
-        for i, token in zip(plain, chosen, strict=True):
-            token_ids[i] = token
-        native_rows = set(plain)
-        rest = [i for i in range(len(states)) if i not in native_rows]
-        rest_rows = torch.tensor(rest, device=logits.device)
-        tokens, rest_logprobs = self._sample_torch(
-            logits[rest_rows].float(), [states[i] for i in rest]
-        )
-        for i, token, lp in zip(rest, tokens, rest_logprobs, strict=True):
-            token_ids[i], logprobs[i] = token, lp
+        for native_part in (True, False):
+            rows = [i for i, flag in enumerate(on_native) if flag == native_part]
+            if not rows:
+                continue
+            part = logits if len(rows) == len(states) else logits[torch.tensor(rows)]
+            chosen = [states[i] for i in rows]
+            if library is not None and native_part:
+                tokens = self._sample_native(library, part, chosen)
+                part_logprobs: list[TokenLogprobs | None] = [None] * len(rows)
+            else:
+                tokens, part_logprobs = self._sample_torch(part.float(), chosen)
+            for i, token, lp in zip(rows, tokens, part_logprobs, strict=True):
+                token_ids[i], logprobs[i] = token, lp
         return token_ids, logprobs
 
     def _sample_native(
