@@ -35,12 +35,13 @@
 #define CHUNK 16 /* keys scored between two softmax updates */
 
 /* What a task's query rows are: where to read them, the positions they sit at and the first
- * key each one may see. */
+ * key each one may see (int32 lanes: contexts are far below 2^31 tokens). Lanes past `rows`
+ * are idle: position -1, so they see no key. */
 typedef struct {
     const uint16_t *q[LANES];
     uint16_t *out[LANES];
-    int64_t pos[LANES];
-    int64_t first_key[LANES];
+    int32_t pos[LANES];
+    int32_t first_key[LANES];
     int rows;
 } Rows;
 
@@ -49,14 +50,19 @@ static void task_rows(Rows *t, const uint16_t *q, uint16_t *out, int64_t query_s
                       int64_t group, int64_t num_heads, int64_t head_dim, int64_t first_row) {
     t->rows = 0;
     for (int i = 0; i < LANES; i++) {
+        t->pos[i] = -1;
+        t->first_key[i] = 0;
+    }
+    for (int i = 0; i < LANES; i++) {
         const int64_t row = first_row + i;
         if (row >= query_len * group) break;
         const int64_t token = row / group, head = kv_head * group + row % group;
         const int64_t offset = ((query_start + token) * num_heads + head) * head_dim;
+        const int64_t pos = seq_len - query_len + token;
         t->q[i] = q + offset;
         t->out[i] = out + offset;
-        t->pos[i] = seq_len - query_len + token;
-        t->first_key[i] = window > 0 && t->pos[i] - window + 1 > 0 ? t->pos[i] - window + 1 : 0;
+        t->pos[i] = (int32_t)pos;
+        t->first_key[i] = (int32_t)(window > 0 && pos - window + 1 > 0 ? pos - window + 1 : 0);
         t->rows++;
     }
 }
@@ -75,24 +81,13 @@ static int vector_task(const Rows *t, const uint16_t *k_cache, const uint16_t *v
     float *acc = scratch + pairs * LANES, *values = acc + head_dim * LANES;
     memset(scratch, 0, sizeof(float) * (size_t)(pairs * LANES + head_dim * LANES));
     int64_t lowest = INT64_MAX, highest = -1;
-    int64_t pos[LANES], first_key[LANES];
-    for (int i = 0; i < LANES; i++) { /* idle lanes see no key */
-        pos[i] = i < t->rows ? t->pos[i] : -1;
-        first_key[i] = i < t->rows ? t->first_key[i] : 0;
-    }
     for (int i = 0; i < t->rows; i++) {
         const uint32_t *row = (const uint32_t *)t->q[i];
         for (int64_t d = 0; d < pairs; d++) qt[d * LANES + i] = row[d];
-        lowest = first_key[i] < lowest ? first_key[i] : lowest;
-        highest = pos[i] > highest ? pos[i] : highest;
+        lowest = t->first_key[i] < lowest ? t->first_key[i] : lowest;
+        highest = t->pos[i] > highest ? t->pos[i] : highest;
     }
-    /* positions and first keys as 16 int32 lanes (contexts are far below 2^31 tokens) */
-    int32_t pos32[LANES], first32[LANES];
-    for (int i = 0; i < LANES; i++) {
-        pos32[i] = (int32_t)pos[i];
-        first32[i] = (int32_t)first_key[i];
-    }
-    const __m512i last_seen = _mm512_loadu_si512(pos32), first_seen = _mm512_loadu_si512(first32);
+    const __m512i last_seen = _mm512_loadu_si512(t->pos), first_seen = _mm512_loadu_si512(t->first_key);
     __m512 top = _mm512_set1_ps(-1e30f), total = _mm512_setzero_ps();
     const __m512 minus_inf = _mm512_set1_ps(-INFINITY), scale16 = _mm512_set1_ps(scale);
     for (int64_t start = lowest; start <= highest; start += CHUNK) {
