@@ -83,17 +83,20 @@ class IncrementalDetokenizer:
         self._tokenizer = tokenizer
         self._backend = tokenizer.backend
         self._stream: DecodeStream | None = DecodeStream(skip_special_tokens=True)
-        self._ids: list[int] = []
-        self._shown = 0  # ids whose text has been returned (fallback only)
+        self._ids: list[int] = []  # the last ids (all since the last delta, a few before)
+        self._shown = 0  # of _ids, those whose text has been returned (fallback only)
 
     def add(self, token_id: int) -> str:
         self._ids.append(token_id)
         if self._stream is not None:
             try:
-                return self._stream.step(self._backend, token_id) or ""
+                delta = self._stream.step(self._backend, token_id) or ""
             except Exception:  # tokenizers raises a bare Exception for this
                 self._stream = None
                 self._shown = len(self._ids) - 1
+            else:
+                del self._ids[:-FALLBACK_CONTEXT]  # only what a fallback window would read
+                return delta
         return self._window_delta()
 
     def _window_delta(self) -> str:
@@ -104,6 +107,10 @@ class IncrementalDetokenizer:
         if len(text) <= len(before) or text.endswith("\ufffd"):
             return ""
         self._shown = len(self._ids)
+        # The ids no later window reads go, so a long reply keeps a bounded list.
+        unread = max(0, self._shown - FALLBACK_CONTEXT)
+        del self._ids[:unread]
+        self._shown -= unread
         return text[len(before) :]
 
 
