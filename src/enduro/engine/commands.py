@@ -84,4 +84,4 @@ class EngineCommands:
         except (TypeError, ValueError) as e:
             raise CommandError(f"bad fault settings: {e}") from e
         self.core.faults.arm(settings, self.core.kv_cache_manager)
-        return asdict(settings)
+        return {**asdict(settings), "leaked_bytes": self.core.faults.leaked_bytes}

@@ -41,6 +41,11 @@ class Faults:
         self.settings = settings
         kv_cache_manager.block_pool.allocate_high = settings.fragment
 
+    @property
+    def leaked_bytes(self) -> int:
+        """Bytes kept so far by this engine process (disarming does not give them back)."""
+        return sum(len(chunk) for chunk in self._leaked)
+
     def before_step(self) -> None:
         if self.settings.slow_step_seconds:
             time.sleep(self.settings.slow_step_seconds)
