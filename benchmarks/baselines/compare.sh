@@ -3,12 +3,12 @@
 # all in one run (benchmarks/README.md, "Side by side"). Needs `make bench-deps`. Each server
 # runs alone on the machine, one after the other; results go to benchmarks/baselines/results.
 # Usage: benchmarks/baselines/compare.sh [STEP...] with STEP among enduro, enduro-nocache,
-# enduro-int4-head, enduro-int8, llama-server, llama-cpp-python, offline, report
+# enduro-int4-head, enduro-int8, enduro-w8a8, llama-server, llama-cpp-python, offline, report
 # (default: all, in that order), and c16-repeats: the 16-stream chat level three times per
 # server, enduro, enduro on jemalloc's default decay and llama-server alternating, into
 # results/chat-c16-repeats (the servers' run-to-run spread is ±15 % on this VM, so one run's
 # ratio can be luck). SERVERS picks the servers (enduro-torch: without the native kernels;
-# enduro-int8: --quantization int8).
+# enduro-int8 / enduro-w8a8: --quantization int8 / w8a8).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 BIN=.venv/bin
@@ -78,7 +78,7 @@ step() {
     enduro-nocache)
       start_enduro --prefix-cache off
       bench agent 8 64 --max-model-len "$AGENT_LEN" ;;
-    enduro-int4-head|enduro-int8)
+    enduro-int4-head|enduro-int8|enduro-w8a8)
       start_enduro --quantization "${1#enduro-}"
       bench chat 1 6
       bench chat 16 48 ;;
@@ -110,6 +110,7 @@ step() {
             # enduro without its C kernels (decode attention and norms on torch's ops)
             enduro-torch) start_enduro --no-native-kernels ;;
             enduro-int8) start_enduro --quantization int8 ;;
+            enduro-w8a8) start_enduro --quantization w8a8 ;;
             *) start_llama_server --parallel 16 -c 16384 ;;
           esac
           bench chat 16 32

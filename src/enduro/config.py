@@ -11,7 +11,7 @@ from enduro.core.block_pool import PoolLayout
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 LOG_FORMATS = ("text", "json")
 ENGINE_ALLOCATORS = ("auto", "glibc", "jemalloc")
-QUANTIZATIONS = ("none", "int8", "int4", "int4-head")
+QUANTIZATIONS = ("none", "int8", "w8a8", "int4", "int4-head")
 
 
 @dataclass(frozen=True)
@@ -29,9 +29,11 @@ class ModelConfig:
     seed: int = 0
     """Seed of the shared generator used by requests without their own seed."""
     quantization: str = "none"
-    """Weight-only quantization of the linear layers and output projection (CPU kernels): none,
-    int8 (per-output-channel scales), int4 (asymmetric, groups of 32 inputs), or int4-head (the
-    output projection alone in int4, the decoder layers in the model's dtype)."""
+    """Quantization of the linear layers and output projection (CPU kernels): none, int8
+    (weight-only, per-output-channel scales), w8a8 (int8's weights, and activations quantized
+    to int8 as they arrive, per row and group of 128 inputs; needs AVX512-VNNI, else runs as
+    int8), int4 (weight-only, asymmetric, groups of 32 inputs), or int4-head (the output
+    projection alone in int4, the decoder layers in the model's dtype)."""
     threads: int | None = None
     """Torch threads of the engine (intra-op); None = torch's default, one per core. Lower it
     when several engines share a machine: OpenMP threads that outnumber the cores spin

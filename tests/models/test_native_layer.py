@@ -13,7 +13,7 @@ from enduro.runner.attention_inputs import build_attention_metadata
 from tests.conftest import ARCHITECTURES
 
 
-@pytest.mark.parametrize("quantization", ["none", "int8"])
+@pytest.mark.parametrize("quantization", ["none", "int8", "w8a8"])
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_a_native_decode_step_matches_the_module_path(
     arch: str, quantization: str, tiny_model_dir: Callable[[str], Path]

@@ -13,14 +13,18 @@ from enduro.models.quantization import (
     WIDENED_MIN_ROWS,
     Int4Linear,
     Int8Linear,
+    W8A8Linear,
     quantize_weight,
+    w8a8_library,
 )
 from tests.conftest import ARCHITECTURES
+from tests.native.test_native import quantized_rows
 
 PROMPT = [5, 17, 42, 8, 99, 3, 250, 11, 7, 300, 12, 6, 40, 41, 42, 43]
 # Max |prompt logprob difference| from the bf16 model on the tiny random-weight models (logprobs
-# near -ln(512) = -6.2). Measured over the five architectures: int8 ≤ 0.013, int4 ≤ 0.10.
-LOGPROB_TOLERANCE = {"int8": 0.05, "int4": 0.3}
+# near -ln(512) = -6.2). Measured over the five architectures: int8 ≤ 0.013, w8a8 ≤ 0.012,
+# int4 ≤ 0.10.
+LOGPROB_TOLERANCE = {"int8": 0.05, "w8a8": 0.05, "int4": 0.3}
 
 
 def tiny_llm(path: Path, quantization: str) -> LLM:
@@ -69,6 +73,43 @@ def test_quantized_linear_matches_dequantized_matmul(
     assert (layer.dequantized_weight() - weight.float()).abs().max() <= span * steps
 
 
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("leading", [(1,), (2, 3), (16,), (WIDENED_MIN_ROWS + 3,)])
+def test_w8a8_layer_holds_int8_weights_and_quantizes_its_input_rows(
+    bias: bool, leading: tuple[int, ...]
+) -> None:
+    library = w8a8_library()
+    if library is None:
+        pytest.skip("no AVX512-VNNI here: w8a8 runs as int8")
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(40, 192, generator=generator).bfloat16()  # 40: not a multiple of 16
+    b = torch.randn(40, generator=generator).bfloat16() if bias else None
+    layer = W8A8Linear(weight, b, library)
+    int8 = Int8Linear(weight, b)
+    assert layer.group == 64  # 128 does not divide 192
+    assert torch.equal(layer.int8_weight(), int8.weight)
+    assert torch.equal(layer.dequantized_weight(), int8.dequantized_weight())
+    x = torch.randn(*leading, 192, generator=generator).bfloat16()
+    out = layer(x)
+    assert out.shape == (*leading, 40) and out.dtype == torch.bfloat16
+    q, scales = quantized_rows(x.reshape(-1, 192), 64)
+    rows = (q.reshape(-1, 3, 64) * scales[..., None]).reshape(*leading, 192)
+    dequantized = layer.dequantized_weight()
+    reference = rows @ dequantized.T + (b.float() if b is not None else 0.0)
+    magnitude = rows.abs() @ dequantized.abs().T + (b.float().abs() if b is not None else 0.0)
+    assert ((out.float() - reference).abs() <= 2**-7 * magnitude).all()
+
+
+def test_w8a8_falls_back_to_int8_where_it_cannot_run() -> None:
+    odd = torch.randn(16, 50).bfloat16()  # no group size divides 50 inputs
+    assert type(quantize_weight("w8a8", odd, None)) is Int8Linear
+    native.use_native(False)
+    try:
+        assert type(quantize_weight("w8a8", torch.randn(16, 64).bfloat16(), None)) is Int8Linear
+    finally:
+        native.use_native(True)
+
+
 def test_int4_skips_shapes_the_kernel_cannot_take() -> None:
     layer = nn.Linear(32, 8, bias=False)  # 8 output rows: the int4 pack needs multiples of 16
     assert quantize_weight("int4", layer.weight, None) is None
@@ -76,7 +117,7 @@ def test_int4_skips_shapes_the_kernel_cannot_take() -> None:
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
-@pytest.mark.parametrize("quantization", ["int8", "int4"])
+@pytest.mark.parametrize("quantization", ["int8", "w8a8", "int4"])
 def test_quantized_model_logprobs_stay_close_to_bf16(
     arch: str, quantization: str, tiny_model_dir: Callable[[str], Path]
 ) -> None:
@@ -85,8 +126,11 @@ def test_quantized_model_logprobs_stay_close_to_bf16(
     llm = tiny_llm(path, quantization)
     model = llm.engine.runner.model
     assert not any(isinstance(m, nn.Linear) for m in model.layers.modules())
-    assert isinstance(model.lm_head, (Int8Linear, Int4Linear))
+    kinds = {"int8": Int8Linear, "w8a8": W8A8Linear, "int4": Int4Linear}
+    assert isinstance(model.lm_head, kinds[quantization])
     assert model.embed_tokens.weight.dtype == torch.bfloat16  # the lookup keeps full precision
+    if quantization != "int4":  # int4 projections have no native path
+        assert llm.engine.runner.num_native_layers == len(model.layers)
     ours = prompt_logprobs(llm)
     assert (ours - reference).abs().max() <= LOGPROB_TOLERANCE[quantization]
     greedy = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)

@@ -201,3 +201,104 @@ def test_linear_int8_matches_float_matmul(rows: int, out_features: int, in_featu
     # output ulp plus the float32 sum's error (a few ulps of sum |x * w|).
     bound = 2**-8 * reference.abs() + 2**-20 * (x.float().abs() @ weight.abs().T)
     assert ((out.float() - reference).abs() <= bound).all()
+
+
+def quantized_rows(x: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """linear_w8a8.c's activation quantization in torch: q = round(x * 127 / max|x|) per
+    group of `group` inputs (ties to even), and the scales max|x| / 127, [M, K / group]."""
+    rows, width = x.shape
+    groups = x.float().reshape(rows, width // group, group)
+    amax = groups.abs().amax(-1)
+    # A tensor divided, not 127 / amax: torch computes that as amax.reciprocal() * 127, which
+    # rounds twice.
+    inverse = torch.where(amax > 0, torch.full_like(amax, 127) / amax, torch.zeros_like(amax))
+    q = torch.round(groups * inverse[..., None])
+    return q.reshape(rows, width), amax / 127
+
+
+def packed_w8a8(q: torch.Tensor) -> torch.Tensor:
+    """[N, K] int8 → linear_w8a8.c's layout: q + 128, [N / 16, K / 4, 16, 4], N padded."""
+    rows, width = q.shape
+    padded = torch.full((-(-rows // 16) * 16, width), 128, dtype=torch.uint8)
+    padded[:rows] = (q.to(torch.int16) + 128).to(torch.uint8)
+    return padded.view(-1, 16, width // 4, 4).permute(0, 2, 1, 3).contiguous()
+
+
+@pytest.mark.parametrize(
+    ("rows", "out_features", "in_features", "group"),
+    # Decode sizes of the default model's projections (8-row tiles, and their tails); an
+    # output count off the 16-wide blocks; one scale per row; a prefill-sized chunk.
+    [
+        (1, 1536, 640, 128),
+        (16, 640, 2048, 128),
+        (11, 40, 96, 32),
+        (3, 16, 64, 64),
+        (70, 48, 128, 128),
+    ],
+)
+def test_linear_w8a8_matches_integer_products(
+    rows: int, out_features: int, in_features: int, group: int
+) -> None:
+    library = native.load()
+    assert library is not None
+    generator = torch.Generator().manual_seed(rows)
+    q = torch.randint(-127, 128, (out_features, in_features), generator=generator).to(torch.int8)
+    scales = torch.zeros(-(-out_features // 16) * 16)
+    scales[:out_features] = torch.rand(out_features, generator=generator) / 64
+    x = torch.randn(rows, in_features, generator=generator).bfloat16()
+    x[0, :group] = 0  # a group of zeros has scale 0, not a division by it
+    packed = packed_w8a8(q)
+    outputs = []
+    for linear in (library.linear_w8a8, library.linear_w8a8_scalar):
+        out = torch.full((rows, out_features), float("nan"), dtype=torch.bfloat16)
+        status = linear(
+            x.data_ptr(),
+            rows,
+            in_features,
+            packed.data_ptr(),
+            scales.data_ptr(),
+            group,
+            out_features,
+            out.data_ptr(),
+        )
+        assert status == 0
+        outputs.append(out)
+    assert torch.equal(outputs[0], outputs[1])  # the same sums in the same order
+    xq, x_scales = quantized_rows(x, group)
+    # Integer products are exact in float64; each group's sum is scaled by its row's scale.
+    per_group = torch.einsum(
+        "mgk,ngk->mng",
+        xq.double().reshape(rows, -1, group),
+        q.double().reshape(out_features, -1, group),
+    )
+    scaled = per_group * x_scales.double()[:, None, :]
+    reference = scaled.sum(-1) * scales[:out_features].double()
+    magnitude = scaled.abs().sum(-1) * scales[:out_features].double()
+    # float32 sums over the groups, then one bf16 rounding of the output
+    bound = 2**-8 * reference.abs() + 2**-20 * magnitude
+    assert ((outputs[0].double() - reference).abs() <= bound).all()
+
+
+def test_w8a8_activations_quantize_as_torch_rounds() -> None:
+    library = native.load()
+    assert library is not None
+    generator = torch.Generator().manual_seed(0)
+    x = (torch.randn(5, 256, generator=generator) * 3).bfloat16()
+    x[1, 64:128] = 0
+    # Ties: with max|x| = 127, x * 127 / max|x| is x, and k + 0.5 rounds to the even side.
+    x[2, :16] = 0.5
+    x[2, 16] = 127
+    x[2, 17:64] = torch.tensor([k + 0.5 for k in range(-23, 24)])
+    q = torch.empty(5, 256, dtype=torch.int8)
+    scales = torch.empty(5, 4)
+    corrections = torch.empty(5, 4, dtype=torch.int32)
+    library.quantize_rows(
+        x.data_ptr(), 5, 256, 64, q.data_ptr(), scales.data_ptr(), corrections.data_ptr()
+    )
+    expected_q, expected_scales = quantized_rows(x, 64)
+    assert torch.equal(q.float(), expected_q)
+    assert torch.equal(scales, expected_scales)
+    assert torch.equal(corrections, -128 * q.int().reshape(5, 4, 64).sum(-1))
+    assert scales[1, 1] == 0 and (q[1, 64:128] == 0).all()
+    assert q[2, :17].tolist() == [0] * 16 + [127]
+    assert q[2, 17 + 23 : 17 + 27].tolist() == [0, 2, 2, 4]  # 0.5, 1.5, 2.5, 3.5

@@ -7,8 +7,9 @@ decode step (one new token per request, up to `decoder_layers.NATIVE_DECODE_MAX_
 requests) runs the layer as one call. Any other step (prefill, mixed, larger batches) runs the
 module path, which stays the reference.
 
-The native layer reads its projections' weights in place: int8 (`Int8Linear`) or plain bf16
-(`Linear`); a layer with any other projection (int4, oneDNN-packed, fp32) keeps the module path.
+The native layer reads its projections' weights in place: int8 (`Int8Linear`), w8a8
+(`W8A8Linear`) or plain bf16 (`Linear`); a layer with any other projection (int4,
+oneDNN-packed, fp32) keeps the module path.
 """
 
 import ctypes
@@ -22,7 +23,7 @@ from enduro.models.attention_metadata import AttentionMetadata
 from enduro.models.base import CausalLM
 from enduro.models.decoder_layers import PreNormDecoderLayer, Rope, SandwichNormDecoderLayer
 from enduro.models.layers import GatedMLP, Linear
-from enduro.models.quantization import Int8Linear
+from enduro.models.quantization import Int8Linear, W8A8Linear
 
 ACTIVATIONS = {"silu": 0, "gelu_pytorch_tanh": 1}
 
@@ -30,7 +31,13 @@ _pointer, _i64, _i32, _float = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, 
 
 
 class Projection(ctypes.Structure):
-    _fields_ = [("weight", _pointer), ("scales", _pointer), ("bias", _pointer), ("out", _i64)]
+    _fields_ = [
+        ("weight", _pointer),
+        ("scales", _pointer),
+        ("bias", _pointer),
+        ("out", _i64),
+        ("group", _i64),
+    ]
 
 
 class DecodeLayerStruct(ctypes.Structure):
@@ -64,9 +71,12 @@ class DecodeStepStruct(ctypes.Structure):
 
 
 def _projection(module: nn.Module) -> Projection | None:
-    """The struct for an int8 or plain bf16 projection; None for any other kind."""
+    """The struct for an int8, w8a8 or plain bf16 projection; None for any other kind."""
+    group = 0
     if isinstance(module, Int8Linear):
         weight, scales, bias = module.weight, module.scales, module.bias
+    elif isinstance(module, W8A8Linear):
+        weight, scales, bias, group = module.packed, module.scales, module.bias, module.group
     elif isinstance(module, Linear) and module.weight.dtype == torch.bfloat16:
         weight, scales, bias = module.weight, None, module.bias
     else:
@@ -80,7 +90,8 @@ def _projection(module: nn.Module) -> Projection | None:
         weight.data_ptr(),
         scales.data_ptr() if scales is not None else None,
         bias.data_ptr() if bias is not None else None,
-        weight.shape[0],
+        module.out_features if isinstance(module, W8A8Linear) else weight.shape[0],
+        group,
     )
 
 

@@ -10,6 +10,8 @@ the embedding table into a separate `lm_head`; the embedding lookup keeps the fu
 table.
 """
 
+import logging
+
 import torch
 from torch import nn
 
@@ -33,6 +35,8 @@ CHUNK_ROWS = 8192
 # 72 decoder projections at 512 rows take ≈130 ms that way, 181 ms in enduro's kernel, 325 ms
 # in torch's (benchmarks/linear_kernels.py); at 128 rows the two ways are even.
 WIDENED_MIN_ROWS = 256
+
+logger = logging.getLogger(__name__)
 
 
 class Int8Linear(nn.Module):
@@ -92,6 +96,97 @@ class Int8Linear(nn.Module):
     def dequantized_weight(self) -> torch.Tensor:
         """The [N, K] float32 matrix this layer multiplies by."""
         return self.weight.float() * self.scales.float()[:, None]
+
+
+# Inputs per activation scale in w8a8 layers: on the reference text one scale per row cost
+# +5.1 % perplexity over int8, one per 128 inputs +0.6 %, per 64 +0.5 %, per 32 +0.5 %
+# (benchmarks/README.md, "Int8 activations"); the kernel's work per group is the same.
+W8A8_GROUPS = (128, 64, 32)
+W8A8_LANES = 16  # outputs per packed block (`native/linear_w8a8.c`)
+W8A8_OFFSET = 128  # weights are stored as q + 128: vpdpbusd takes them unsigned
+
+
+def w8a8_library() -> native.Library | None:
+    """The native kernels if they have the w8a8 vector path (AVX512-VNNI) here, else None."""
+    library = native.load()
+    return library if library is not None and library.w8a8_vectorized() else None
+
+
+def w8a8_group(in_features: int) -> int | None:
+    """The activations' group size for a layer of `in_features` inputs, or None when none
+    of W8A8_GROUPS divides it."""
+    return next((g for g in W8A8_GROUPS if in_features % g == 0), None)
+
+
+class W8A8Linear(nn.Module):
+    """y = x @ (q * scale).T + bias on int8 weights (Int8Linear's quantization, one scale per
+    output channel) and int8 activations: each row of x is quantized per group of
+    `w8a8_group` inputs when it arrives, and the int8 products are summed with AVX512-VNNI
+    (`native/linear_w8a8.c`, which also says how the weights are packed)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, library: native.Library):
+        super().__init__()
+        group = w8a8_group(weight.shape[1])
+        if group is None:
+            raise ValueError(f"no w8a8 group size divides {weight.shape[1]} inputs")
+        self.library = library
+        self.group = group
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+        blocks = -(-self.out_features // W8A8_LANES)
+        packed = torch.empty(blocks, self.in_features // 4, W8A8_LANES, 4, dtype=torch.uint8)
+        scales = torch.zeros(blocks * W8A8_LANES)  # float32; padded rows' outputs are dropped
+        for start in range(0, self.out_features, CHUNK_ROWS):  # a multiple of 16
+            q, chunk_scales = _int8_rows(weight[start : start + CHUNK_ROWS])
+            rows = q.shape[0]
+            offset = torch.full(
+                (-(-rows // W8A8_LANES) * W8A8_LANES, self.in_features),
+                W8A8_OFFSET,
+                dtype=torch.uint8,
+            )  # padded rows hold zero weights
+            offset[:rows] = (q.to(torch.int16) + W8A8_OFFSET).to(torch.uint8)
+            first = start // W8A8_LANES
+            packed[first : first + offset.shape[0] // W8A8_LANES] = _pack_w8a8(offset)
+            scales[start : start + rows] = chunk_scales.float()
+        self.packed: torch.Tensor
+        self.scales: torch.Tensor
+        self.bias: torch.Tensor | None
+        self.register_buffer("packed", packed)  # [N / 16, K / 4, 16, 4]
+        self.register_buffer("scales", scales)
+        self.register_buffer("bias", bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, x.shape[-1]).to(KERNEL_DTYPE).contiguous()
+        out = rows.new_empty(rows.shape[0], self.out_features)
+        status = self.library.linear_w8a8(
+            rows.data_ptr(),
+            rows.shape[0],
+            self.in_features,
+            self.packed.data_ptr(),
+            self.scales.data_ptr(),
+            self.group,
+            self.out_features,
+            out.data_ptr(),
+        )
+        if status != 0:
+            raise MemoryError("w8a8 linear: scratch memory could not be allocated")
+        return _finish(out, self.bias, x)
+
+    def int8_weight(self) -> torch.Tensor:
+        """The [N, K] int8 weights, unpacked."""
+        blocks, _, lanes, _ = self.packed.shape
+        plain = self.packed.permute(0, 2, 1, 3).reshape(blocks * lanes, self.in_features)
+        return (plain[: self.out_features].to(torch.int16) - W8A8_OFFSET).to(torch.int8)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The [N, K] float32 matrix the int8 activations are multiplied by."""
+        return self.int8_weight().float() * self.scales[: self.out_features, None]
+
+
+def _pack_w8a8(offset: torch.Tensor) -> torch.Tensor:
+    """[N, K] uint8 (N a multiple of 16, K of 4) → [N / 16, K / 4, 16, 4]: one 64-byte vector
+    holds 4 consecutive inputs of 16 consecutive outputs."""
+    n, k = offset.shape
+    return offset.view(n // W8A8_LANES, W8A8_LANES, k // 4, 4).permute(0, 2, 1, 3).contiguous()
 
 
 class Int4Linear(nn.Module):
@@ -174,6 +269,11 @@ def quantize_weight(
     """The quantized layer for one [N, K] weight, or None when the kernel can't take its shape."""
     if method == "int8":
         return Int8Linear(weight, bias)
+    if method == "w8a8":
+        library = w8a8_library()
+        if library is None or w8a8_group(weight.shape[1]) is None:
+            return Int8Linear(weight, bias)  # weights alike, activations left in bf16
+        return W8A8Linear(weight, bias, library)
     if method == "int4":
         return Int4Linear(weight, bias) if int4_supports(weight) else None
     raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, got {method!r}")
@@ -190,6 +290,12 @@ def quantize_model(model: CausalLM, method: str) -> list[str]:
         return []
     if method == "int4-head":
         return _quantize_head(model, "int4")
+    if method == "w8a8" and w8a8_library() is None:
+        logger.warning(
+            "w8a8 needs enduro's native kernels on a CPU with AVX512-VNNI: "
+            "running int8 (weight-only) instead"
+        )
+        method = "int8"
     skipped = []
     for layer_name, layer in model.layers.named_children():
         targets = [(n, m) for n, m in layer.named_modules() if isinstance(m, nn.Linear)]

@@ -11,7 +11,8 @@ Kernels: `decode_attention` (attention of one new token per request straight fro
 KV cache, `decode_attention.c`), `prefill_attention` (of prompt chunks, causal, from the
 cache in place, `prefill_attention.c`), `rms_norm` (a whole norm, and the residual add after it, in
 one call, `rms_norm.c`), `linear_int8` / `linear_bf16` (a projection of a few rows on int8 or
-plain bf16 weights, `linear.c`), and `decode_layer` (a decoder layer's whole decode step,
+plain bf16 weights, `linear.c`), `linear_w8a8` (int8 weights by int8 activations quantized
+on the fly, `linear_w8a8.c`), and `decode_layer` (a decoder layer's whole decode step,
 built from the others, `decode_layer.c`, which also exports its gated activation, `act_and_mul`, for
 prompts), and `sample` (a step's next tokens: argmax or an inverse-CDF draw per row,
 `sample.c`).
@@ -41,10 +42,11 @@ SOURCES = (
     "prefill_attention.c",
     "rms_norm.c",
     "linear.c",
+    "linear_w8a8.c",
     "decode_layer.c",
     "sample.c",
 )
-HEADERS = ("bf16.h", "paged.h", "vexp.h")
+HEADERS = ("bf16.h", "paged.h", "threads.h", "vexp.h")
 CFLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c11")
 
 _enabled = True
@@ -64,9 +66,13 @@ class Library:
     rms_norm: "ctypes._NamedFuncPointer"
     linear_int8: "ctypes._NamedFuncPointer"
     linear_bf16: "ctypes._NamedFuncPointer"
+    linear_w8a8: "ctypes._NamedFuncPointer"
+    linear_w8a8_scalar: "ctypes._NamedFuncPointer"
     decode_layer: "ctypes._NamedFuncPointer"
     sample: "ctypes._NamedFuncPointer"
     act_and_mul: "ctypes._NamedFuncPointer"
+    quantize_rows: "ctypes._NamedFuncPointer"
+    w8a8_vectorized: "ctypes._NamedFuncPointer"
 
 
 def enabled() -> bool:
@@ -182,4 +188,28 @@ def _bind(path: Path) -> Library:
     act = lib.enduro_act_and_mul
     act.argtypes = [pointer, i64, i64, ctypes.c_int, pointer]
     act.restype = None
-    return Library(path, fn, prefill, norm, int8, bf16, layer, sample, act)
+    w8a8, w8a8_scalar = lib.enduro_linear_w8a8, lib.enduro_linear_w8a8_scalar
+    for linear in (w8a8, w8a8_scalar):
+        linear.argtypes = [pointer, i64, i64, pointer, pointer, i64, i64, pointer]
+        linear.restype = ctypes.c_int
+    quantize = lib.enduro_quantize_rows
+    quantize.argtypes = [pointer, i64, i64, i64, pointer, pointer, pointer]
+    quantize.restype = None
+    vectorized = lib.enduro_w8a8_vectorized
+    vectorized.argtypes = []
+    vectorized.restype = ctypes.c_int
+    return Library(
+        path,
+        decode_attention=fn,
+        prefill_attention=prefill,
+        rms_norm=norm,
+        linear_int8=int8,
+        linear_bf16=bf16,
+        linear_w8a8=w8a8,
+        linear_w8a8_scalar=w8a8_scalar,
+        decode_layer=layer,
+        sample=sample,
+        act_and_mul=act,
+        quantize_rows=quantize,
+        w8a8_vectorized=vectorized,
+    )

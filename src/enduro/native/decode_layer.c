@@ -28,6 +28,8 @@ void enduro_rms_norm(const uint16_t *x, int64_t rows, int64_t dim, int64_t inner
                      const uint16_t *residual, uint16_t *out);
 void enduro_linear(const uint16_t *x, int64_t M, int64_t K, const void *weight, int is_int8,
                    const uint16_t *scales, int64_t N, uint16_t *y);
+int enduro_linear_w8a8(const uint16_t *x, int64_t M, int64_t K, const uint8_t *w,
+                       const float *wscales, int64_t group, int64_t N, uint16_t *y);
 int enduro_decode_attention(const uint16_t *q, const uint16_t *k_cache, const uint16_t *v_cache,
                             const int64_t *tables, int64_t table_width,
                             const int64_t *table_starts, const int64_t *key_starts,
@@ -37,10 +39,11 @@ int enduro_decode_attention(const uint16_t *q, const uint16_t *k_cache, const ui
 
 /* Mirrored by ctypes Structures in enduro/models/native_layer.py: keep the two in step. */
 typedef struct {
-    const void *weight;     /* [out_features, in_features], int8 or bf16 */
-    const uint16_t *scales; /* [out_features] bf16 for int8 weights; NULL for bf16 ones */
-    const uint16_t *bias;   /* [out_features] bf16, or NULL */
+    const void *weight;   /* [out_features, in_features] int8 or bf16, or packed for w8a8 */
+    const void *scales;   /* [out_features] bf16 for int8 weights, float32 for w8a8; NULL for bf16 */
+    const uint16_t *bias; /* [out_features] bf16, or NULL */
     int64_t out_features;
+    int64_t group; /* w8a8: inputs per activation scale (linear_w8a8.c); 0 for the others */
 } Projection;
 
 enum { ACT_SILU = 0, ACT_GELU_TANH = 1 };
@@ -65,16 +68,25 @@ typedef struct {
     const float *cos, *sin;                               /* [R, rotary_dim / 2] float32 */
 } DecodeStep;
 
-static void project(const uint16_t *x, int64_t rows, int64_t in_features, const Projection *p,
-                    uint16_t *y) {
-    enduro_linear(x, rows, in_features, p->weight, p->scales != NULL, p->scales, p->out_features, y);
-    if (p->bias == NULL) return;
+/* Returns 0, or -1 when the w8a8 kernel could not allocate its scratch memory. */
+static int project(const uint16_t *x, int64_t rows, int64_t in_features, const Projection *p,
+                   uint16_t *y) {
+    if (p->group > 0) {
+        if (enduro_linear_w8a8(x, rows, in_features, p->weight, p->scales, p->group,
+                               p->out_features, y) != 0)
+            return -1;
+    } else {
+        enduro_linear(x, rows, in_features, p->weight, p->scales != NULL, p->scales,
+                      p->out_features, y);
+    }
+    if (p->bias == NULL) return 0;
     /* eager: the bf16 output, then + bias in bf16 */
     for (int64_t r = 0; r < rows; r++)
         for (int64_t n = 0; n < p->out_features; n++) {
             uint16_t *v = y + r * p->out_features + n;
             *v = float_to_bf16(bf16_to_float(*v) + bf16_to_float(p->bias[n]));
         }
+    return 0;
 }
 
 /* The rotary embedding of `heads` heads of one token, in place, with the eager bf16 rounding
@@ -203,28 +215,29 @@ int enduro_decode_layer(const DecodeLayer *L, const DecodeStep *S, int64_t rows,
     uint16_t *h = o + rows * H, *gate_up = h + rows * H, *m = gate_up + rows * 2 * I;
     uint16_t *down = m + rows * I;
 
+    int status = -1;
     enduro_rms_norm(x, rows, H, 1, H, L->input_norm, L->eps, L->unit_offset, NULL, normed);
-    project(normed, rows, H, &L->qkv, qkv);
+    if (project(normed, rows, H, &L->qkv, qkv) != 0) goto done;
     queries_and_cache(L, S, rows, qkv, q, k);
     if (enduro_decode_attention(q, S->k_cache, S->v_cache, S->tables, S->table_width,
                                 S->table_starts, S->key_starts, S->seq_lens, rows, L->num_heads,
-                                L->num_kv_heads, D, S->block_size, L->attn_scale, attended) != 0) {
-        free(scratch);
-        return -1;
-    }
-    project(attended, rows, q_size, &L->o, o);
+                                L->num_kv_heads, D, S->block_size, L->attn_scale, attended) != 0)
+        goto done;
+    if (project(attended, rows, q_size, &L->o, o) != 0) goto done;
     if (L->sandwich)
         enduro_rms_norm(o, rows, H, 1, H, L->post_attn_norm, L->eps, L->unit_offset, x, h);
     else
         add(x, o, rows * H, h);
     enduro_rms_norm(h, rows, H, 1, H, L->mlp_norm, L->eps, L->unit_offset, NULL, normed);
-    project(normed, rows, H, &L->gate_up, gate_up);
+    if (project(normed, rows, H, &L->gate_up, gate_up) != 0) goto done;
     act_and_mul(gate_up, rows, I, L->activation, m);
-    project(m, rows, I, &L->down, down);
+    if (project(m, rows, I, &L->down, down) != 0) goto done;
     if (L->sandwich)
         enduro_rms_norm(down, rows, H, 1, H, L->post_mlp_norm, L->eps, L->unit_offset, h, out);
     else
         add(h, down, rows * H, out);
+    status = 0;
+done:
     free(scratch);
-    return 0;
+    return status;
 }

@@ -17,6 +17,7 @@
 #include <stdlib.h>
 
 #include "bf16.h"
+#include "threads.h"
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
 #include <immintrin.h>
 #define VECTOR 1
@@ -81,18 +82,11 @@ void enduro_linear(const uint16_t *x, int64_t M, int64_t K, const void *weight, 
                    const uint16_t *scales, int64_t N, uint16_t *y) {
 #pragma omp parallel
     {
-#ifdef _OPENMP
-        extern int omp_get_thread_num(void), omp_get_num_threads(void);
-        const int64_t thread = omp_get_thread_num(), threads = omp_get_num_threads();
-#else
-        const int64_t thread = 0, threads = 1;
-#endif
         /* Each thread takes whole blocks of rows, so no two widen the same weights. */
-        const int64_t blocks = (N + BLOCK_ROWS - 1) / BLOCK_ROWS;
-        const int64_t n0 = blocks * thread / threads * BLOCK_ROWS;
-        const int64_t n1 = blocks * (thread + 1) / threads * BLOCK_ROWS < N
-                               ? blocks * (thread + 1) / threads * BLOCK_ROWS
-                               : N;
+        int64_t first, last;
+        thread_share((N + BLOCK_ROWS - 1) / BLOCK_ROWS, &first, &last);
+        const int64_t n0 = first * BLOCK_ROWS;
+        const int64_t n1 = last * BLOCK_ROWS < N ? last * BLOCK_ROWS : N;
 #ifdef VECTOR
         if (K % 32 == 0) {
             uint16_t *widened =
