@@ -78,7 +78,12 @@ step() {
     enduro-nocache)
       start_enduro --prefix-cache off
       bench agent 8 64 --max-model-len "$AGENT_LEN" ;;
-    enduro-int4-head|enduro-int8|enduro-w8a8)
+    enduro-w8a8)
+      # the fastest setting: every workload, as enduro's defaults run them
+      start_enduro --quantization w8a8
+      chat_and_prefill
+      long_and_agent ;;
+    enduro-int4-head|enduro-int8)
       start_enduro --quantization "${1#enduro-}"
       bench chat 1 6
       bench chat 16 48 ;;
