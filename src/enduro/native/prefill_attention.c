@@ -14,8 +14,9 @@
  *   scores of key j = sum over d of q[row][d] * k[j][d], 16 rows at once: AVX512-BF16 dot
  *     products of the queries transposed into (d, d + 1) pairs by lane, against the key's
  *     pair broadcast;
- *   out[row][d] += p[row][j] * v[j][d]: for each d, a float32 multiply-add of the 16 rows'
- *     weights by v[j][d] broadcast, into an accumulator transposed the same way.
+ *   out[row][d] += p[row][j] * v[j][d]: for each d, AVX512-BF16 dot products of the 16 rows'
+ *     weights of keys (j, j + 1) by the pair (v[j][d], v[j + 1][d]) broadcast, into a float32
+ *     accumulator transposed the same way.
  * Keys go 16 at a time, from the first any row of the task sees to the last.
  */
 #include <math.h>
@@ -69,16 +70,18 @@ static void task_rows(Rows *t, const uint16_t *q, uint16_t *out, int64_t query_s
 
 #ifdef VECTOR
 /* Scratch of a task, 64-byte aligned: queries as (d, d + 1) pairs by lane [D / 2][16], the
- * transposed accumulator [D][16], a chunk of values in float32 [CHUNK][D]. */
+ * transposed accumulator [D][16], a chunk of values as (key j, key j + 1) pairs of each dim
+ * [CHUNK / 2][D]. */
 static int vector_task(const Rows *t, const uint16_t *k_cache, const uint16_t *v_cache,
                        const int64_t *table, int64_t table_start, int64_t kv_head,
                        int64_t num_kv_heads, int64_t head_dim, int64_t block_size, float scale) {
     const int64_t pairs = head_dim / 2;
     float *scratch = aligned_alloc(64, sizeof(float) * (size_t)(pairs * LANES + head_dim * LANES +
-                                                                CHUNK * head_dim));
+                                                                CHUNK / 2 * head_dim));
     if (scratch == NULL) return -1;
     uint32_t *qt = (uint32_t *)scratch;
-    float *acc = scratch + pairs * LANES, *values = acc + head_dim * LANES;
+    float *acc = scratch + pairs * LANES;
+    uint32_t *values = (uint32_t *)(acc + head_dim * LANES);
     memset(scratch, 0, sizeof(float) * (size_t)(pairs * LANES + head_dim * LANES));
     int64_t lowest = INT64_MAX, highest = -1;
     for (int i = 0; i < t->rows; i++) {
@@ -93,11 +96,23 @@ static int vector_task(const Rows *t, const uint16_t *k_cache, const uint16_t *v
     for (int64_t start = lowest; start <= highest; start += CHUNK) {
         const int keys = highest - start + 1 < CHUNK ? (int)(highest - start + 1) : CHUNK;
         const uint32_t *k_rows[CHUNK];
+        const uint16_t *v_rows[CHUNK];
         for (int j = 0; j < keys; j++) {
             const int64_t slot = slot_of(table, table_start, start + j, block_size);
             k_rows[j] = (const uint32_t *)(k_cache + (slot * num_kv_heads + kv_head) * head_dim);
-            const uint16_t *v = v_cache + (slot * num_kv_heads + kv_head) * head_dim;
-            for (int64_t d = 0; d < head_dim; d += 16) _mm512_store_ps(values + j * head_dim + d, load16(v + d));
+            v_rows[j] = v_cache + (slot * num_kv_heads + kv_head) * head_dim;
+        }
+        /* values of keys j and j + 1 side by side in each dim's 32 bits (an odd last key's
+         * partner is 0, as is its weight) */
+        for (int j = 0; j < keys; j += 2) {
+            for (int64_t d = 0; d < head_dim; d += 16) {
+                const __m512i low = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(v_rows[j] + d)));
+                const __m512i high = j + 1 < keys ? _mm512_cvtepu16_epi32(_mm256_loadu_si256(
+                                                        (const __m256i *)(v_rows[j + 1] + d)))
+                                                  : _mm512_setzero_si512();
+                _mm512_store_si512(values + j / 2 * head_dim + d,
+                                   _mm512_or_si512(low, _mm512_slli_epi32(high, 16)));
+            }
         }
         __m512 score[CHUNK];
         int j = 0;
@@ -135,12 +150,26 @@ static int vector_task(const Rows *t, const uint16_t *k_cache, const uint16_t *v
             score[j] = _mm512_maskz_mov_ps(seen[j], exp16(_mm512_sub_ps(score[j], top)));
             total = _mm512_add_ps(total, score[j]);
         }
+        /* The weights of keys j and j + 1 as a bf16 pair per lane, so that the sums of
+         * values are AVX512-BF16 dot products too (32 products an instruction, not 16): the
+         * weights are rounded to bf16 for them, as torch's CPU flash attention rounds its
+         * probabilities before their product with bf16 values; the sum that divides them
+         * stays float32. */
+        __m512bh weights[CHUNK / 2];
+        for (j = 0; j < keys; j += 2) {
+            const __m512 next = j + 1 < keys ? score[j + 1] : _mm512_setzero_ps();
+            const __m512i low = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(score[j]));
+            const __m512i high = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(next));
+            weights[j / 2] = (__m512bh)_mm512_or_si512(low, _mm512_slli_epi32(high, 16));
+        }
+        const int key_pairs = (keys + 1) / 2;
         for (int64_t d0 = 0; d0 < head_dim; d0 += 16) {
             __m512 a[16];
             for (int e = 0; e < 16; e++) a[e] = _mm512_mul_ps(_mm512_load_ps(acc + (d0 + e) * LANES), rescale);
-            for (j = 0; j < keys; j++) {
-                const float *v = values + j * head_dim + d0;
-                for (int e = 0; e < 16; e++) a[e] = _mm512_fmadd_ps(score[j], _mm512_set1_ps(v[e]), a[e]);
+            for (int jp = 0; jp < key_pairs; jp++) {
+                const uint32_t *v = values + jp * head_dim + d0;
+                for (int e = 0; e < 16; e++)
+                    a[e] = _mm512_dpbf16_ps(a[e], weights[jp], (__m512bh)_mm512_set1_epi32((int)v[e]));
             }
             for (int e = 0; e < 16; e++) _mm512_store_ps(acc + (d0 + e) * LANES, a[e]);
         }
