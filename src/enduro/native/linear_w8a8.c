@@ -9,7 +9,7 @@
  * Quantization: weights are symmetric int8 with one scale per output row (the int8 mode's
  * exactly); each row of x is quantized when it arrives, q = round(x * 127 / max|x|), with its
  * own scale per group of `group` inputs: one scale per whole row cost 5 % perplexity on the
- * reference text, one per 128 inputs 0.6 % (benchmarks/README.md).
+ * reference text, one per 128 inputs 0.6 % (benchmarks/README.md, "Int8 activations").
  *
  * Layout: vpdpbusd multiplies unsigned by signed bytes, so weights are stored as w + 128
  * (unsigned) and the activations stay signed; sum (w + 128) q = sum w q + 128 sum q, and the
@@ -95,8 +95,8 @@ static void quantize_rows(const uint16_t *x, int64_t M, int64_t K, int64_t G, in
 /* *acc += the products of 4 activation bytes at x (broadcast to every lane) with wv's.
  * Written in assembly because with the intrinsic GCC 12 copies each accumulator to another
  * register and back around every vpdpbusd and spills the weight vector to the stack: the
- * output projection at 16 rows ran at 69 % of this CPU's VNNI peak that way, 83 % this way
- * (benchmarks/README.md, "Int8 activations"). */
+ * output projection at 16 rows took 6.6 ms that way, 5.6 ms this way (benchmarks/README.md,
+ * "Int8 activations"). */
 static inline void dot4(__m512i *acc, __m512i wv, const int8_t *x) {
     __asm__("vpdpbusd %2%{1to16%}, %1, %0" : "+v"(*acc) : "v"(wv), "m"(*(const int32_t *)x));
 }
