@@ -74,7 +74,7 @@ def test_quantized_linear_matches_dequantized_matmul(
 
 
 @pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("leading", [(1,), (2, 3), (16,), (WIDENED_MIN_ROWS + 3,)])
+@pytest.mark.parametrize("leading", [(0,), (1,), (2, 3), (16,), (WIDENED_MIN_ROWS + 3,)])
 def test_w8a8_layer_holds_int8_weights_and_quantizes_its_input_rows(
     bias: bool, leading: tuple[int, ...]
 ) -> None:

@@ -124,7 +124,9 @@ class W8A8Linear(nn.Module):
     `w8a8_group` inputs when it arrives, and the int8 products are summed with AVX512-VNNI
     (`native/linear_w8a8.c`, which also says how the weights are packed)."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, library: native.Library):
+    def __init__(
+        self, weight: torch.Tensor, bias: torch.Tensor | None, library: native.Library
+    ) -> None:
         super().__init__()
         group = w8a8_group(weight.shape[1])
         if group is None:

@@ -180,6 +180,7 @@ static void scalar_blocks(const int8_t *q, const float *scales, const int32_t *c
 
 static int linear(const uint16_t *x, int64_t M, int64_t K, const uint8_t *w,
                   const float *wscales, int64_t group, int64_t N, uint16_t *y, int vector) {
+    if (M <= 0 || N <= 0) return 0; /* nothing to compute (and malloc(0) may return NULL) */
     const int64_t groups = K / group;
     int8_t *q = malloc((size_t)(M * K));
     float *scales = malloc(sizeof(float) * (size_t)(M * groups));
