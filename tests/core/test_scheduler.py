@@ -86,6 +86,25 @@ def test_prefill_is_chunked_by_the_token_budget() -> None:
     assert third.scheduled[0].block_ids == [0, 1, 2, 3, 4]
 
 
+def test_a_prompt_over_the_budget_by_its_tail_finishes_in_one_step() -> None:
+    scheduler = make_scheduler(num_blocks=64, budget=64, max_model_len=256)  # tail: 2 tokens
+    assert SchedulerConfig(max_num_batched_tokens=64).chunk_tail == 2
+    add(scheduler, "a", list(range(66)), max_tokens=2)
+    add(scheduler, "b", list(range(100, 167)), max_tokens=2)  # no prefix shared with a
+    first = scheduler.schedule()
+    # a's 66 tokens at once; the budget is spent, so b waits
+    assert [(e.request_id, len(e.token_ids), e.sample) for e in first.scheduled] == [
+        ("a", 66, True)
+    ]
+    scheduler.update_from_output(first, {"a": 5})
+    second = scheduler.schedule()
+    # a's decode token, then b: 67 is over the 63 left by more than the tail, so 63 now
+    assert [(e.request_id, len(e.token_ids)) for e in second.scheduled] == [("a", 1), ("b", 63)]
+    scheduler.update_from_output(second, {"a": 6})
+    run_to_completion(scheduler)
+    assert_pool_consistent(scheduler)
+
+
 def test_decode_and_prefill_share_a_step() -> None:
     scheduler = make_scheduler(budget=16)
     add(scheduler, "a", [1, 2, 3], max_tokens=5)

@@ -177,7 +177,8 @@ def test_an_int8_engine_builds_its_widened_prefill_matmuls_at_start(
     )
     model = llm.engine.runner.model
     shapes = {m.shape_key() for m in model.layers.modules() if isinstance(m, Int8Linear)}
-    # Chunks of 256, 320, 384, 448 and 512 rows take the widened bf16 matmul: one layer of each
-    # shape runs them; nothing else in an int8 model builds oneDNN primitives.
+    # Chunks of 256, 320, 384, 448, 512 and 576 rows (a step may run 16 tokens past its 512
+    # to finish a prompt) take the widened bf16 matmul: one layer of each shape runs them;
+    # nothing else in an int8 model builds oneDNN primitives.
     assert len(shapes) >= 3
-    assert llm.engine.runner.num_warm_up_matmuls == 5 * len(shapes)
+    assert llm.engine.runner.num_warm_up_matmuls == 6 * len(shapes)

@@ -156,7 +156,7 @@ class Scheduler:
         index = 0
         while index < len(self.running) and budget > 0:
             request = self.running[index]
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            num_new = self._chunk(request.num_tokens - request.num_computed_tokens, budget)
             if not self._allocate_or_preempt(request, num_new):
                 break  # the request preempted itself: nothing after it is left
             scheduled.append(self._scheduled(request, num_new))
@@ -203,7 +203,7 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) < max_seqs:
             request = self.waiting[0]
             hits, num_hit_tokens = self.kv_cache_manager.get_computed_blocks(request)
-            num_new = min(request.num_tokens - num_hit_tokens, budget)
+            num_new = self._chunk(request.num_tokens - num_hit_tokens, budget)
             if self.kv_cache_manager.allocate_slots(request, num_new, hits) is None:
                 break
             self.waiting.popleft()
@@ -216,6 +216,14 @@ class Scheduler:
             self.running.append(request)
             scheduled.append(self._scheduled(request, num_new))
             budget -= num_new
+        return budget
+
+    def _chunk(self, remaining: int, budget: int) -> int:
+        """Tokens of a request to compute now: all that remain if they fit the budget or
+        overrun it by at most `chunk_tail` (the step then ends: its budget is spent), else
+        the budget's worth."""
+        if remaining <= budget + self.scheduler_config.chunk_tail:
+            return remaining
         return budget
 
     def _scheduled(self, request: Request, num_new: int) -> ScheduledRequest:

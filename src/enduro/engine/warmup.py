@@ -17,9 +17,7 @@ def warm_up(core: EngineCore) -> None:
     vocab_size = core.runner.arch.vocab_size
     capacity = core.runner.layout.max_num_blocks * core.config.cache.block_size
     # Prompt + 2 tokens must fit the context, and all but the last token the pool.
-    prompt_len = min(
-        scheduler_config.max_num_batched_tokens, core.runner.max_model_len - 2, capacity - 1
-    )
+    prompt_len = min(scheduler_config.max_step_tokens, core.runner.max_model_len - 2, capacity - 1)
     prompt = [i % vocab_size for i in range(max(1, prompt_len))]
     _run_dummy_requests(core, "prefill", [prompt])  # a full chunk, then a decode of one
     width = scheduler_config.max_num_seqs

@@ -77,9 +77,7 @@ class ModelRunner:
         self.num_packed_projections = self.model.pack_decoder_projections(scheduler.max_num_seqs)
         self.load_seconds = time.monotonic() - started
         started = time.monotonic()
-        self.num_warm_up_matmuls = self.model.warm_up(
-            scheduler.max_num_batched_tokens, max_logit_rows
-        )
+        self.num_warm_up_matmuls = self.model.warm_up(scheduler.max_step_tokens, max_logit_rows)
         self.warm_up_seconds = time.monotonic() - started
         self.block_size = config.cache.block_size
         self.layout = config.cache.pool_layout(self._bytes_per_block())
