@@ -7,8 +7,9 @@
 # (default: all, in that order), and c16-repeats: the 16-stream chat level three times per
 # server, enduro, enduro on jemalloc's default decay and llama-server alternating, into
 # results/chat-c16-repeats (the servers' run-to-run spread is ±15 % on this VM, so one run's
-# ratio can be luck). SERVERS picks the servers (enduro-torch: without the native kernels;
-# enduro-int8 / enduro-w8a8: --quantization int8 / w8a8).
+# ratio can be luck); prefill-repeats: the same for the 512-token prefill level, into
+# results/prefill-c1-repeats. SERVERS picks the servers (enduro-torch: without the native
+# kernels; enduro-int8 / enduro-w8a8: --quantization int8 / w8a8).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 BIN=.venv/bin
@@ -67,6 +68,33 @@ long_and_agent() {
   bench agent 8 64 --max-model-len "$AGENT_LEN"
 }
 
+# repeats WORKLOAD CONCURRENCY REQUESTS: one level of a workload, rounds FIRST_ROUND ..
+# LAST_ROUND, the servers of SERVERS alternating within each round, into
+# results/<workload>-c<concurrency>-repeats, labelled server-round.
+repeats() {
+  local workload=$1 concurrency=$2 requests=$3
+  for round in $(seq "${FIRST_ROUND:-1}" "${LAST_ROUND:-3}"); do
+    # enduro-decay: jemalloc's default 10 s decay (what the engine ran before it kept
+    # freed pages); the operator's MALLOC_CONF comes after the engine's, so it wins.
+    for server in ${SERVERS:-enduro enduro-decay llama-server}; do
+      label=$server-$round bench_out=$OUT/$workload-c$concurrency-repeats
+      case "$server" in
+        enduro) start_enduro ;;
+        enduro-decay) MALLOC_CONF=dirty_decay_ms:10000 start_enduro ;;
+        # enduro without its C kernels (decode attention and norms on torch's ops)
+        enduro-torch) start_enduro --no-native-kernels ;;
+        enduro-int8) start_enduro --quantization int8 ;;
+        enduro-w8a8) start_enduro --quantization w8a8 ;;
+        *) start_llama_server --parallel 16 -c 16384 ;;
+      esac
+      bench "$workload" "$concurrency" "$requests"
+      stop_server
+      rm -f "$OUT/server-$label.log"
+    done
+  done
+  bench_out=
+}
+
 step() {
   label=$1
   echo "== $label ($(date -u +%H:%M:%S))"
@@ -103,27 +131,8 @@ step() {
       $BIN/enduro bench offline --concurrency 1 --concurrency 16 | tee "$OUT/offline-bf16.txt"
       $BIN/enduro bench offline --dtype float32 --concurrency 1 --concurrency 16 \
         | tee "$OUT/offline-fp32.txt" ;;
-    c16-repeats)
-      for round in $(seq "${FIRST_ROUND:-1}" "${LAST_ROUND:-3}"); do
-        # enduro-decay: jemalloc's default 10 s decay (what the engine ran before it kept
-        # freed pages); the operator's MALLOC_CONF comes after the engine's, so it wins.
-        for server in ${SERVERS:-enduro enduro-decay llama-server}; do
-          label=$server-$round bench_out=$OUT/chat-c16-repeats
-          case "$server" in
-            enduro) start_enduro ;;
-            enduro-decay) MALLOC_CONF=dirty_decay_ms:10000 start_enduro ;;
-            # enduro without its C kernels (decode attention and norms on torch's ops)
-            enduro-torch) start_enduro --no-native-kernels ;;
-            enduro-int8) start_enduro --quantization int8 ;;
-            enduro-w8a8) start_enduro --quantization w8a8 ;;
-            *) start_llama_server --parallel 16 -c 16384 ;;
-          esac
-          bench chat 16 32
-          stop_server
-          rm -f "$OUT/server-$label.log"
-        done
-      done
-      bench_out= ;;
+    c16-repeats) repeats chat 16 32 ;;
+    prefill-repeats) repeats prefill 1 8 ;;
     report)
       for dir in "$OUT"/*-c*/; do
         case "$dir" in *-repeats/) continue ;; esac  # labelled by round: no single baseline
