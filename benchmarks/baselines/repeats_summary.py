@@ -11,6 +11,7 @@ the median, and the median of the per-round ratios against the baseline.
 
 import argparse
 import json
+import math
 import re
 import statistics
 import sys
@@ -29,7 +30,8 @@ def read_rounds(directory: Path) -> dict[str, dict[int, dict[str, float]]]:
         (level,) = json.loads(path.read_text())["levels"]
         figures = {
             "tok/s": level["output_tokens_per_s"],
-            "tpot_p50_ms": 1000 * level["tpot_p50"],
+            # a one-token reply (the prefill workload) has no time per output token
+            "tpot_p50_ms": math.nan if level["tpot_p50"] is None else 1000 * level["tpot_p50"],
             "ttft_p50_ms": 1000 * level["ttft_p50"],
         }
         servers.setdefault(match["server"], {})[int(match["round"])] = figures
@@ -55,19 +57,23 @@ def main() -> int:
     baseline = servers.get(args.baseline, {})
     print(
         "| server | tok/s per round | median tok/s | median TPOT p50 | median TTFT p50 "
-        f"| median ratio vs {args.baseline} |"
+        f"| median ratio vs {args.baseline} | median TTFT speed-up vs {args.baseline} |"
     )
-    print("|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|")
     for server, rounds in sorted(servers.items()):
         shared = sorted(set(rounds) & set(baseline))
         ratios = [rounds[r]["tok/s"] / baseline[r]["tok/s"] for r in shared]
         ratio = f"{statistics.median(ratios):.2f}× ({len(ratios)} rounds)" if ratios else "–"
+        speedups = [baseline[r]["ttft_p50_ms"] / rounds[r]["ttft_p50_ms"] for r in shared]
+        speedup = f"{statistics.median(speedups):.2f}×" if speedups else "–"
         per_round = ", ".join(f"{rounds[r]['tok/s']:.1f}" for r in sorted(rounds))
+        tpot = statistics.median(f["tpot_p50_ms"] for f in rounds.values())
         print(
             f"| {server} | {per_round} "
             f"| {statistics.median(f['tok/s'] for f in rounds.values()):.1f} "
-            f"| {statistics.median(f['tpot_p50_ms'] for f in rounds.values()):.0f} ms "
-            f"| {statistics.median(f['ttft_p50_ms'] for f in rounds.values()):.0f} ms | {ratio} |"
+            f"| {'–' if math.isnan(tpot) else f'{tpot:.0f} ms'} "
+            f"| {statistics.median(f['ttft_p50_ms'] for f in rounds.values()):.0f} ms "
+            f"| {ratio} | {speedup} |"
         )
     return 0
 
