@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from enduro.config import QUANTIZATIONS
 from enduro.engine.llm import LLM
 from enduro.runner import model_runner
 from enduro.sampling_params import SamplingParams
@@ -114,7 +115,7 @@ def main() -> None:
     parser.add_argument("what", choices=["decode", "chat"])
     parser.add_argument("--streams", type=int, default=16)
     parser.add_argument("--seconds", type=float, default=40.0)
-    parser.add_argument("--quantization", default="none", choices=["none", "int8", "w8a8", "int4"])
+    parser.add_argument("--quantization", default="none", choices=QUANTIZATIONS)
     args = parser.parse_args()
     llm = LLM(None, dtype="bfloat16", max_num_seqs=args.streams, quantization=args.quantization)
     if args.what == "decode":

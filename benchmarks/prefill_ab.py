@@ -1,7 +1,7 @@
 """512-token prefill: enduro's engine against transformers' forward on the same weights.
 
   .venv/bin/python benchmarks/prefill_ab.py [--prompt-tokens 512] [--repeats 5]
-      [--quantization none|int8|w8a8]
+      [--quantization none|int8|w8a8|int4|int4-head]
 
 Loads the default model once into enduro (bf16) and builds transformers' implementation on
 the very tensors enduro loaded (`enduro.bench.offline.build_transformers_model`), then times,
@@ -20,6 +20,7 @@ from importlib import resources
 import torch
 
 from enduro.bench.offline import build_transformers_model
+from enduro.config import QUANTIZATIONS
 from enduro.engine.llm import LLM
 from enduro.sampling_params import SamplingParams
 
@@ -28,7 +29,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--prompt-tokens", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--quantization", choices=("none", "int8", "w8a8"), default="none")
+    parser.add_argument("--quantization", choices=QUANTIZATIONS, default="none")
     args = parser.parse_args()
     llm = LLM(None, dtype="bfloat16", quantization=args.quantization)
     assert llm.tokenizer is not None

@@ -145,7 +145,8 @@ def act_and_mul(gate_up: torch.Tensor, act: str) -> torch.Tensor:
     return ACTIVATIONS[act](gate) * up
 
 
-# The activations the native gated activation computes, by its code in native/decode_layer.c.
+# The activations the native gated activation computes (here and in the native decode layer,
+# `native_layer.py`), by their code in native/decode_layer.c.
 NATIVE_ACTIVATIONS = {"silu": 0, "gelu_pytorch_tanh": 1}
 
 

@@ -22,10 +22,9 @@ from enduro.models.attention import Attention, KVCache
 from enduro.models.attention_metadata import AttentionMetadata
 from enduro.models.base import CausalLM
 from enduro.models.decoder_layers import PreNormDecoderLayer, Rope, SandwichNormDecoderLayer
+from enduro.models.fused import NATIVE_ACTIVATIONS
 from enduro.models.layers import GatedMLP, Linear
 from enduro.models.quantization import Int8Linear, W8A8Linear
-
-ACTIVATIONS = {"silu": 0, "gelu_pytorch_tanh": 1}
 
 _pointer, _i64, _i32, _float = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_float
 
@@ -72,13 +71,16 @@ class DecodeStepStruct(ctypes.Structure):
 
 def _projection(module: nn.Module) -> Projection | None:
     """The struct for an int8, w8a8 or plain bf16 projection; None for any other kind."""
-    group = 0
+    group = 0  # inputs per activation scale: w8a8 only
     if isinstance(module, Int8Linear):
         weight, scales, bias = module.weight, module.scales, module.bias
+        out_features = weight.shape[0]
     elif isinstance(module, W8A8Linear):
         weight, scales, bias, group = module.packed, module.scales, module.bias, module.group
+        out_features = module.out_features  # the packed weight's rows are padded to 16
     elif isinstance(module, Linear) and module.weight.dtype == torch.bfloat16:
         weight, scales, bias = module.weight, None, module.bias
+        out_features = module.out_features
     else:
         return None
     if bias is not None and bias.dtype != torch.bfloat16:
@@ -90,7 +92,7 @@ def _projection(module: nn.Module) -> Projection | None:
         weight.data_ptr(),
         scales.data_ptr() if scales is not None else None,
         bias.data_ptr() if bias is not None else None,
-        module.out_features if isinstance(module, W8A8Linear) else weight.shape[0],
+        out_features,
         group,
     )
 
@@ -122,7 +124,7 @@ class NativeDecodeLayer:
             _projection(m) for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
         ]
         projections = [p for p in found if p is not None]
-        if len(projections) < len(found) or mlp.act not in ACTIVATIONS:
+        if len(projections) < len(found) or mlp.act not in NATIVE_ACTIVATIONS:
             raise _Unsupported
         sandwich = isinstance(layer, SandwichNormDecoderLayer)
         norms = (
@@ -143,7 +145,7 @@ class NativeDecodeLayer:
             attn.scale,
             int(norms[0].unit_offset),
             int(sandwich),
-            ACTIVATIONS[mlp.act],
+            NATIVE_ACTIVATIONS[mlp.act],
             int(attn.rope_interleaved),
             *(_norm_pointer(n.weight if n is not None else None) for n in norms),
             _norm_pointer(attn.q_norm.weight if attn.q_norm is not None else None),
